@@ -1,0 +1,120 @@
+"""Attention over a paged KV cache, for batches that mix prefill chunks and decodes.
+
+The cache of one layer is a pair of tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+A sequence's tokens live in the blocks its block table lists, in order; token ``p`` of a
+sequence sits in slot ``p % block_size`` of block ``table[p // block_size]``.
+
+The batch is flattened: the query tokens of sequence ``i`` are rows
+``query_start_loc[i]:query_start_loc[i+1]``, and they are the *last* tokens of its context of
+``seq_lens[i]`` tokens (earlier ones are already in the cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about the batch, passed explicitly to every layer.
+
+    ``query_start_loc``: [B + 1] int32 offsets of each sequence's query rows.
+    ``seq_lens``: [B] int32 context length of each sequence after this step's tokens.
+    ``block_tables``: [B, max_blocks] int32 block ids (padding entries are never read).
+    ``slot_mapping``: [T] int64 flat cache slot (block * block_size + offset) of each new token,
+    ``-1`` for padding tokens that must not be written.
+    ``query_lens_cpu`` / ``seq_lens_cpu``: the same lengths as Python lists, so the reference path
+    needs no device synchronisation.
+    """
+
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+    sliding_window: int | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+def write_kv_ref(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Stores new keys and values [T, Hk, D] at their flat slots; slots < 0 are skipped."""
+    nb, bs = k_cache.shape[:2]
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    k_cache.view(nb * bs, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of a sequence, [length, Hk, D], read through its block table."""
+    bs = cache.shape[1]
+    nblk = (length + bs - 1) // bs
+    return cache.index_select(0, table[:nblk]).flatten(0, 1)[:length]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of q [T, Hq, D] against each sequence's cached context; returns [T, Hq, D]."""
+    out = torch.empty_like(q)
+    hq, hk = q.shape[1], k_cache.shape[2]
+    start = 0
+    for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        if qlen == 0:
+            continue
+        table = meta.block_tables[i]
+        k = gather_kv(k_cache, table, slen).to(q.dtype)
+        v = gather_kv(v_cache, table, slen).to(q.dtype)
+        qi = q[start : start + qlen]
+        qpos = torch.arange(slen - qlen, slen, device=q.device)
+        kpos = torch.arange(slen, device=q.device)
+        mask = kpos[None, :] <= qpos[:, None]
+        if meta.sliding_window is not None:
+            mask &= kpos[None, :] > qpos[:, None] - meta.sliding_window
+        if hq != hk:
+            k = k.repeat_interleave(hq // hk, dim=1)
+            v = v.repeat_interleave(hq // hk, dim=1)
+        o = F.scaled_dot_product_attention(
+            qi.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+        )
+        out[start : start + qlen] = o.transpose(0, 1)
+        start += qlen
+    return out
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    if k.is_cuda:
+        from kiln.kernels import triton_ops
+
+        if triton_ops.available():
+            return triton_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    if q.is_cuda:
+        from kiln.kernels import triton_ops
+
+        if triton_ops.available():
+            return triton_ops.paged_attention(q, k_cache, v_cache, meta, scale)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale)

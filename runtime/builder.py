@@ -1,0 +1,176 @@
+"""``kiln build``: checkpoint in, engine directory out.
+
+The builder streams the checkpoint tensor by tensor: each engine tensor is cut for every rank
+that holds it (``kiln.parallel.partition``), cast, and appended to that rank's safetensors file
+at once, so host memory holds about one checkpoint tensor and its slices, never the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import torch
+from tqdm import tqdm
+
+import kiln
+from kiln.parallel.mapping import Mapping
+from kiln.parallel.partition import rank_slice
+from kiln.runtime.checkpoint import CheckpointReader, open_checkpoint
+from kiln.runtime.config import BuildConfig, EngineConfig, ModelConfig
+from kiln.runtime.model import DecoderModel
+from kiln.runtime.safetensors_stream import StreamingSafetensorsWriter, sha256_file
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BuildError(ValueError):
+    """A build that cannot proceed; the message is one line naming the problem and the fix."""
+
+
+def rank_layout(cfg: ModelConfig, mapping: Mapping, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of one rank's engine tensors, in file order (no memory is used)."""
+    meta_model = DecoderModel(cfg, mapping, dtype=dtype, device="meta")
+    return {n: (tuple(p.shape), p.dtype) for n, p in meta_model.named_parameters()}
+
+
+def default_output_dir(model_name: str, build: BuildConfig) -> str:
+    base = os.path.basename(os.path.normpath(model_name))
+    for ext in (".gguf", ".json"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    name = f"{base}-{build.dtype}-tp{build.tp}"
+    if build.pp > 1:
+        name += f"-pp{build.pp}"
+    if build.ep > 1:
+        name += f"-ep{build.ep}"
+    return os.path.join("engines", name)
+
+
+def _check_fits(cfg: ModelConfig, build: BuildConfig) -> None:
+    try:
+        for r in range(build.world_size):
+            m = Mapping(tp=build.tp, pp=build.pp, ep=build.ep, rank=r)
+            DecoderModel(cfg, m, device="meta")
+    except ValueError as e:
+        raise BuildError(f"the model cannot be split as tp={build.tp} pp={build.pp} ep={build.ep}: {e}") from None
+    if build.quant != "none":
+        raise BuildError(f"--quant {build.quant} is not available in this version: build with --quant none")
+    if build.kv_cache_dtype != "auto":
+        raise BuildError(f"--kv-cache-dtype {build.kv_cache_dtype} is not available in this version: use auto")
+
+
+def build_engine(
+    model: str,
+    output: str | None,
+    build: BuildConfig,
+    *,
+    random_weights: bool = False,
+    seed: int = 0,
+    device_class: str | None = None,
+    progress: bool = True,
+    reader: CheckpointReader | None = None,
+) -> str:
+    """Builds an engine directory and returns its path."""
+    t0 = time.time()
+    reader = reader or open_checkpoint(model, random_weights=random_weights, seed=seed)
+    cfg = reader.config
+    if build.max_seq_len > cfg.max_position_embeddings:
+        build = build.model_copy(update={"max_seq_len": cfg.max_position_embeddings})
+    _check_fits(cfg, build)
+    out = output or default_output_dir(model, build)
+    if os.path.exists(out) and os.listdir(out):
+        if not os.path.exists(os.path.join(out, "engine.json")):
+            raise BuildError(f"output directory '{out}' exists and is not an engine: choose another --output")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+
+    dtype = TORCH_DTYPES[build.dtype]
+    world = build.world_size
+    mappings = [Mapping(tp=build.tp, pp=build.pp, ep=build.ep, rank=r) for r in range(world)]
+    layouts = [rank_layout(cfg, m, dtype) for m in mappings]
+    rank_files = [f"rank{r}.safetensors" for r in range(world)]
+    writers = [
+        StreamingSafetensorsWriter(os.path.join(out, f), lay, {"rank": str(r), "world_size": str(world)})
+        for r, (f, lay) in enumerate(zip(rank_files, layouts))
+    ]
+    order: list[str] = []
+    for lay in layouts:
+        order.extend(n for n in lay if n not in order)
+
+    cache: dict[str, torch.Tensor] = {}
+
+    def fetch(name: str) -> torch.Tensor:
+        # A fused engine tensor reads several checkpoint tensors; each is read once per engine tensor.
+        if name not in cache:
+            cache[name] = reader.get(name)
+        return cache[name]
+
+    bar = tqdm(order, desc=f"build {os.path.basename(out)}", unit="tensor", disable=not progress)
+    try:
+        for name in bar:
+            for m, lay, w in zip(mappings, layouts, writers):
+                if name in lay:
+                    w.write(name, rank_slice(name, fetch, cfg, m).to(dtype))
+            cache.clear()
+        digests = {f: w.close() for f, w in zip(rank_files, writers)}
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+
+    tok_info = reader.save_tokenizer(os.path.join(out, "tokenizer"))
+    for root, _, files in os.walk(os.path.join(out, "tokenizer")):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            digests[os.path.relpath(p, out)] = sha256_file(p)
+    if not cfg.eos_token_id and tok_info.eos_token_ids:
+        cfg = cfg.model_copy(update={"eos_token_id": list(tok_info.eos_token_ids)})
+    target = device_class or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = EngineConfig(
+        kiln_version=kiln.__version__,
+        model_name=os.path.basename(os.path.normpath(model)),
+        model=cfg,
+        build=build,
+        device_class=target,
+        device_name=torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "cpu",
+        rank_files=rank_files,
+        tokenizer=tok_info,
+        files=digests,
+        source=reader.source,
+    )
+    with open(os.path.join(out, "engine.json"), "w") as f:
+        f.write(engine.model_dump_json(indent=2))
+    if progress:
+        size = sum(os.path.getsize(os.path.join(out, f)) for f in rank_files)
+        print(f"built {out}: {world} rank file(s), {size / 2**20:.1f} MiB, in {time.time() - t0:.1f} s")
+    return out
+
+
+def read_engine_config(engine_dir: str) -> EngineConfig:
+    path = os.path.join(engine_dir, "engine.json")
+    if not os.path.isdir(engine_dir):
+        raise BuildError(f"engine directory '{engine_dir}' does not exist: build one with `kiln build --model MODEL --output {engine_dir}`")
+    if not os.path.exists(path):
+        raise BuildError(f"'{engine_dir}' has no engine.json: it is not a kiln engine; build one with `kiln build`")
+    try:
+        raw = json.load(open(path))
+    except json.JSONDecodeError as e:
+        raise BuildError(f"{path} is not valid JSON ({e.msg}): rebuild the engine") from None
+    from kiln.runtime.config import SCHEMA_VERSION
+
+    ver = raw.get("schema_version") if isinstance(raw, dict) else None
+    if not isinstance(ver, int):
+        raise BuildError(f"{path} has no schema_version: rebuild the engine with this kiln")
+    if ver > SCHEMA_VERSION:
+        raise BuildError(
+            f"engine schema version {ver} is newer than this kiln supports ({SCHEMA_VERSION}): upgrade kiln or rebuild the engine"
+        )
+    try:
+        return EngineConfig.model_validate(raw)
+    except Exception as e:  # pydantic's ValidationError: name the first problem on one line
+        first = str(e).splitlines()
+        raise BuildError(f"{path} is invalid ({first[1] if len(first) > 1 else first[0]}): rebuild the engine") from None

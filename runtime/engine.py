@@ -1,0 +1,285 @@
+"""The engine loop: requests in, step plans to the workers, sampled tokens back, outputs out.
+
+``LLMEngine`` is synchronous: ``add_request`` and ``abort_request`` at any time, ``step`` runs one
+scheduler step and returns the requests whose state changed. The async engine and ``LLM`` both
+drive it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from kiln.runtime.block_manager import BlockManager
+from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop, stop_holdback
+from kiln.runtime.loader import LoadedEngine, load_local
+from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from kiln.runtime.plan import CachedSeq, StepResult
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.sequence import Request, Sequence, SeqStatus
+
+
+class RequestError(ValueError):
+    """A request that cannot be accepted; the message says why."""
+
+    def __init__(self, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        engine_dir: str | None = None,
+        *,
+        loaded: LoadedEngine | None = None,
+        device: str | None = None,
+        num_kv_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_tokens: int | None = None,
+        max_batch_size: int | None = None,
+        seed: int | None = None,
+        executor=None,
+    ):
+        self.loaded = loaded or load_local(
+            engine_dir, device=device, num_kv_blocks=num_kv_blocks, max_num_tokens=max_num_tokens,
+            max_batch_size=max_batch_size, seed=seed,
+        )
+        ld = self.loaded
+        self.config = ld.config
+        self.tokenizer = ld.tokenizer
+        self.max_seq_len = ld.config.build.max_seq_len
+        self.max_num_tokens = ld.max_num_tokens
+        self.executor = executor or ld.executor
+        self.eos_token_ids = set(ld.eos_token_ids)
+        self.block_manager = BlockManager(ld.num_kv_blocks, ld.config.build.tokens_per_block, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, ld.max_num_tokens, ld.max_batch_size)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._changed: dict[str, Request] = {}
+        self.num_steps = 0
+        self.forward_s = 0.0
+        self._seqs_by_id: dict[int, Sequence] = {}
+        self._grammars = None
+
+    # --- requests ------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=self.loaded.add_bos)
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
+    ) -> Request:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise RequestError(f"request id '{request_id}' is already in use", code="duplicate_request_id")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.encode_prompt(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise RequestError("the prompt is empty", code="empty_prompt", param="prompt")
+        vocab = self.config.model.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise RequestError(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+        if len(ids) >= self.max_seq_len or len(ids) + (params.min_tokens or 0) > self.max_seq_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_seq_len} tokens, but the prompt has {len(ids)} tokens",
+                code="context_length_exceeded", param="prompt",
+            )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_seq_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_seq_len} tokens; the prompt ({len(ids)} tokens) "
+                f"plus max_tokens ({params.max_tokens}) exceeds it",
+                code="context_length_exceeded", param="max_tokens",
+            )
+        req = Request(request_id, text, ids, params, priority=priority)
+        seq = self._new_seq(req, 0)
+        req.seqs.append(seq)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+        return req
+
+    def _new_seq(self, req: Request, index: int, token_ids: list[int] | None = None) -> Sequence:
+        seq = Sequence(next(self._seq_ids), req, index, list(token_ids or req.prompt_token_ids), len(req.prompt_token_ids))
+        seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
+        seq.logprobs = [] if req.params.logprobs is not None else None
+        if req.params.response_format is not None:
+            seq.grammar = self.grammars().matcher(req.params.response_format)
+        self._seqs_by_id[seq.seq_id] = seq
+        return seq
+
+    def grammars(self):
+        """The grammar compiler for this engine's tokenizer, made on first use."""
+        if self._grammars is None:
+            from kiln.runtime.grammar import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.config.model.vocab_size)
+        return self._grammars
+
+    def abort_request(self, request_id: str) -> bool:
+        """Ends a request at once; its blocks return to the cache. False if it is unknown or done."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        req.forked = True
+        self._finish_request(req)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        for seq, msg in self.scheduler.failed:
+            req = seq.request
+            req.error = msg
+            for s in req.seqs:
+                if not s.finished:
+                    s.finish_reason = "error"
+                    self.scheduler.finish(s)
+            req.forked = True
+            self._finish_request(req)
+        self.scheduler.failed.clear()
+        self._fork_children(plan)
+        if plan.num_seqs or plan.finished:
+            masks = self._grammar_masks(plan)
+            result = self.executor.execute(plan, masks) if masks else self.executor.execute(plan)
+            self.forward_s += result.forward_s
+            self._process(result)
+        self.num_steps += 1
+        out = [self._output(r) for r in self._changed.values()]
+        self._changed.clear()
+        return out
+
+    def _grammar_masks(self, plan) -> dict:
+        """Allowed-token masks of the sequences that sample this step under a grammar."""
+        masks = {}
+        for e in (*plan.new, *plan.cached):
+            if e.sample:
+                seq = self._seqs_by_id.get(e.seq_id)
+                if seq is not None and seq.grammar is not None:
+                    masks[e.seq_id] = seq.grammar.allowed_mask()
+        return masks
+
+    def _fork_children(self, plan) -> None:
+        sampling = {e.seq_id for e in plan.new if e.sample} | {e.seq_id for e in plan.cached if e.sample}
+        for seq in list(self.scheduler.running):
+            req = seq.request
+            if req.params.n == 1 or req.forked or seq.index != 0 or seq.seq_id not in sampling or seq.num_output:
+                continue
+            for i in range(1, req.params.n):
+                child = self._new_seq(req, i)
+                req.seqs.append(child)
+                self.scheduler.fork(seq, child, plan)
+                seed = None if req.params.seed is None else req.params.seed + i
+                plan.forks[-1] = (seq.seq_id, child.seq_id, seed)
+                plan.cached.append(CachedSeq(child.seq_id, [], 0, len(child.sent_table), [], True))
+            req.forked = True
+
+    def _process(self, result: StepResult) -> None:
+        now = time.monotonic()
+        for st in result.sampled:
+            seq = self._seqs_by_id.get(st.seq_id)
+            if seq is None or seq.finished:
+                continue
+            req = seq.request
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self._append_token(seq, st)
+            self._changed[req.request_id] = req
+            if seq.finished and req.finished:
+                self._finish_request(req)
+
+    def _append_token(self, seq: Sequence, st) -> None:
+        p = seq.request.params
+        tok = st.token_id
+        seq.token_ids.append(tok)
+        if st.logprob is not None:
+            seq.cumulative_logprob += st.logprob
+        if seq.logprobs is not None:
+            entry = {tok: Logprob(st.logprob, st.rank, self.tokenizer.decode([tok]))}
+            for t, lp in (st.top_logprobs or {}).items():
+                if t != tok:
+                    entry[t] = Logprob(lp, None, self.tokenizer.decode([t]))
+            seq.logprobs.append(entry)
+        new_start = len(seq.text)
+        seq.text += seq.detok.add(tok)
+        n_out = seq.num_output
+        reason, stop = None, None
+        if seq.grammar is not None:
+            seq.grammar.accept(tok)
+            if seq.grammar.is_terminated():
+                reason = "stop"
+        if reason is None and n_out >= p.min_tokens:
+            if not p.ignore_eos and tok in self.eos_token_ids:
+                reason = "stop"
+            elif tok in p.stop_token_ids:
+                reason, stop = "stop", tok
+        if reason is None and p.stop and n_out >= p.min_tokens:
+            hit = find_stop(seq.text, new_start, p.stop)
+            if hit is not None:
+                idx, s = hit
+                seq.text = seq.text[: idx + (len(s) if p.include_stop_str_in_output else 0)]
+                reason, stop = "stop", s
+        if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
+            reason = "length"
+        if reason is None and len(seq.token_ids) >= self.max_seq_len:
+            reason = "length"
+        if reason is not None:
+            if not isinstance(stop, str):
+                seq.text += seq.detok.flush()
+            seq.finish_reason, seq.stop_reason = reason, stop
+            self.scheduler.finish(seq)
+
+    def _finish_request(self, req: Request) -> None:
+        for s in req.seqs:
+            self._seqs_by_id.pop(s.seq_id, None)
+        req.finish_time = time.monotonic()
+        self._changed[req.request_id] = req
+        self.requests.pop(req.request_id, None)
+
+    # --- outputs --------------------------------------------------------------------------------
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in sorted(req.seqs, key=lambda s: s.index):
+            text = seq.text
+            if not seq.finished and req.params.stop:
+                text = text[: len(text) - stop_holdback(text, req.params.stop)]
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=list(seq.output_ids),
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        metrics = {"arrival": req.arrival}
+        if req.first_token_time is not None:
+            metrics["first_token"] = req.first_token_time
+        if req.finish_time is not None:
+            metrics["finish"] = req.finish_time
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outs,
+            finished=req.request_id not in self.requests,
+            error=req.error,
+            num_cached_tokens=req.num_cached_tokens,
+            metrics=metrics,
+        )
+
+    def stats(self) -> dict:
+        s = self.scheduler.stats()
+        s["steps"] = self.num_steps
+        return s

@@ -1,0 +1,61 @@
+"""The paged KV cache: per layer, keys and values in ``[num_blocks, block_size, kv_heads, head_dim]``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kiln.runtime.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = torch.device(device)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.layers = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)
+        ]
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block ``dst`` becomes a copy of block ``src`` in every layer."""
+        src = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=self.device)
+        for k, v in self.layers:
+            k.index_copy_(0, dst, k.index_select(0, src))
+            v.index_copy_(0, dst, v.index_select(0, src))
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def default_num_blocks(
+    cfg: ModelConfig, num_layers: int, num_kv_heads: int, block_size: int, max_batch_size: int, max_seq_len: int,
+    dtype, device, gpu_memory_utilization: float = 0.9,
+) -> int:
+    """Enough blocks for every sequence at full length, capped by memory: on a GPU a share of
+    the free memory after weights; on a CPU a quarter of the available RAM."""
+    per_block = KVCache.bytes_per_block(num_layers, block_size, num_kv_heads, cfg.head_dim, dtype)
+    want = max_batch_size * -(-max_seq_len // block_size)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        budget = free - (1 - gpu_memory_utilization) * total
+    else:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            avail = 8 << 30
+        budget = avail / 4
+    cap = int(budget // per_block)
+    need = -(-max_seq_len // block_size)
+    if cap < need:
+        raise MemoryError(
+            f"KV cache needs {need} blocks for one sequence of {max_seq_len} tokens but memory fits {cap}: "
+            "build with a smaller --max-seq-len or free memory"
+        )
+    return max(need, min(want, cap))

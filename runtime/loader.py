@@ -1,0 +1,133 @@
+"""Loading an engine directory: checks first (schema, device class, world size, checksums), then
+this rank's weights, the tokenizer, the KV cache and the model runner."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from kiln.parallel.mapping import Mapping
+from kiln.runtime.builder import TORCH_DTYPES, BuildError, read_engine_config
+from kiln.runtime.config import EngineConfig
+from kiln.runtime.kv_cache import KVCache, default_num_blocks
+from kiln.runtime.model import DecoderModel
+from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.safetensors_stream import sha256_file
+
+
+class EngineLoadError(BuildError):
+    """An engine that cannot be loaded here; the message names the problem and the fix."""
+
+
+@dataclass
+class LoadedEngine:
+    config: EngineConfig
+    tokenizer: object
+    executor: object
+    num_kv_blocks: int
+    max_num_tokens: int
+    max_batch_size: int
+    eos_token_ids: list[int]
+    add_bos: bool
+    chat_template: str | None
+
+
+def resolve_device(config: EngineConfig, device: str | None) -> torch.device:
+    want = torch.device(device) if device else torch.device(config.device_class)
+    if want.type != config.device_class:
+        raise EngineLoadError(
+            f"engine was built for {config.device_class} but is being loaded on {want.type}: "
+            f"rebuild it with `kiln build ... --device {want.type}`"
+        )
+    if want.type == "cuda" and not torch.cuda.is_available():
+        raise EngineLoadError("engine was built for cuda but no CUDA GPU is visible: run it on a GPU or rebuild with --device cpu")
+    return want
+
+
+def verify_files(engine_dir: str, config: EngineConfig, names: list[str]) -> None:
+    for name in names:
+        path = os.path.join(engine_dir, name)
+        want = config.files.get(name)
+        if want is None:
+            raise EngineLoadError(f"engine.json lists no checksum for '{name}': the engine is incomplete; rebuild it")
+        if not os.path.exists(path):
+            raise EngineLoadError(f"engine file '{name}' is missing from {engine_dir}: rebuild the engine")
+        if sha256_file(path) != want:
+            raise EngineLoadError(f"engine file '{name}' fails its sha256 checksum: the engine is corrupt; rebuild it")
+
+
+def load_tokenizer(engine_dir: str, config: EngineConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(engine_dir, config.tokenizer.path))
+    if config.tokenizer.chat_template and not getattr(tok, "chat_template", None):
+        tok.chat_template = config.tokenizer.chat_template
+    return tok
+
+
+def load_rank(engine_dir: str, config: EngineConfig, mapping: Mapping, device: torch.device, comm=None, verify: bool = True) -> DecoderModel:
+    """This rank's model with its weights; reads only this rank's file."""
+    fname = config.rank_files[mapping.rank]
+    if verify:
+        verify_files(engine_dir, config, [fname])
+    dtype = TORCH_DTYPES[config.build.dtype]
+    model = DecoderModel(config.model, mapping, dtype=dtype, device=device, comm=comm)
+    with safe_open(os.path.join(engine_dir, fname), framework="pt", device=str(device)) as f:
+        have = set(f.keys())
+        want = model.engine_state_names()
+        if have != want:
+            missing = sorted(want - have)[:3]
+            raise EngineLoadError(f"{fname} does not match the model (missing {missing}): the engine is corrupt; rebuild it")
+        model.load_weights({n: f.get_tensor(n) for n in want})
+    model.eval()
+    return model
+
+
+def load_local(
+    engine_dir: str, *, device: str | None = None, num_kv_blocks: int | None = None,
+    max_num_tokens: int | None = None, max_batch_size: int | None = None, seed: int | None = None,
+    verify: bool = True,
+) -> LoadedEngine:
+    """Loads a one-rank engine in this process."""
+    config = read_engine_config(engine_dir)
+    if config.build.world_size != 1:
+        raise EngineLoadError(
+            f"engine was built for {config.build.world_size} ranks (tp={config.build.tp}, pp={config.build.pp}) "
+            "but this launcher runs 1: rebuild with --tp 1 --pp 1"
+        )
+    dev = resolve_device(config, device)
+    if verify:
+        verify_files(engine_dir, config, [n for n in config.files if not n.startswith("rank")])
+    tokenizer = load_tokenizer(engine_dir, config)
+    model = load_rank(engine_dir, config, Mapping(), dev, verify=verify)
+    b = config.build
+    mnt = max_num_tokens or b.max_num_tokens
+    mbs = max_batch_size or b.max_batch_size
+    for name, v, lo in (("max_num_tokens", mnt, 1), ("max_batch_size", mbs, 1)):
+        if v < lo:
+            raise EngineLoadError(f"{name} must be at least {lo}")
+    ls = model.ls
+    dtype = TORCH_DTYPES[b.dtype]
+    nb = num_kv_blocks or default_num_blocks(
+        config.model, len(ls.layers), ls.num_kv_heads, b.tokens_per_block, mbs, b.max_seq_len, dtype, dev
+    )
+    kv = KVCache(len(ls.layers), nb, b.tokens_per_block, ls.num_kv_heads, ls.head_dim, dtype, dev)
+    eos = list(config.tokenizer.eos_token_ids or config.model.eos_token_id)
+    runner = ModelRunner(model, kv, mnt, mbs, eos_token_ids=eos, seed=seed)
+    return LoadedEngine(config, tokenizer, LocalExecutor(runner), nb, mnt, mbs, eos, config.tokenizer.add_bos_token, config.tokenizer.chat_template)
+
+
+class LocalExecutor:
+    """Runs step plans on a model runner in this process."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    def execute(self, plan, allowed_masks=None):
+        return self.runner.execute(plan, allowed_masks)
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,280 @@
+"""Batched next-token sampling over one row of logits per sequence.
+
+Per row, in order:
+
+1. grammar ``allowed_mask`` and ``min_tokens`` masking (EOS and stop token ids get ``-inf``);
+2. repetition penalty over prompt and output tokens (positive logits divided, negative multiplied);
+3. presence and frequency penalties over output tokens only;
+4. log-probabilities, taken from ``log_softmax`` of the logits so far (before temperature);
+5. greedy argmax when ``temperature == 0``; otherwise temperature, top-k, top-p, min-p and one
+   draw from the renormalised distribution.
+
+A row whose masks leave no token allowed is sampled from its unmasked logits instead.
+
+Draws use the exponential race (``argmax(p / E)`` with ``E ~ Exp(1)``), which picks index ``i``
+with probability ``p_i``. Rows with their own generator draw their noise from it alone, so a
+seeded row's token depends only on its seed, its logits and how many tokens it has drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SampleRow:
+    """One sequence's sampling inputs for the current step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None
+    eos_token_ids: tuple[int, ...] = ()
+    allowed_mask: torch.Tensor | None = None
+
+
+@dataclass
+class SampleResult:
+    """The chosen token and, when asked for, its log-probability details."""
+
+    token_id: int
+    logprob: float | None
+    top_logprobs: dict[int, float] | None
+    rank: int | None
+
+
+def _needs_processing(row: SampleRow) -> bool:
+    p = row.params
+    if row.allowed_mask is not None or p.needs_penalties:
+        return True
+    if len(row.output_token_ids) < p.min_tokens and (row.eos_token_ids or p.stop_token_ids):
+        return True
+    return False
+
+
+class Sampler:
+    """Turns a ``[batch, vocab]`` logits tensor into one token per row."""
+
+    def __init__(self, seed: int | None = None):
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    @staticmethod
+    def make_generator(seed: int, device="cpu") -> torch.Generator:
+        """A generator for one seeded sequence, on the device its logits live on."""
+        g = torch.Generator(device=torch.device(device))
+        g.manual_seed(int(seed))
+        return g
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        key = torch.device(device)
+        g = self._generators.get(key)
+        if g is None:
+            g = torch.Generator(device=key)
+            if self._seed is None:
+                g.seed()
+            else:
+                g.manual_seed(int(self._seed))
+            self._generators[key] = g
+        return g
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+        n, vocab = logits.shape
+        if n != len(rows):
+            raise ValueError(f"{n} logits rows but {len(rows)} sample rows")
+        if n == 0:
+            return []
+        device = logits.device
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+
+        token_ids = torch.empty(n, dtype=torch.long, device=device)
+
+        # Rows that only need argmax of the raw logits: one batched argmax.
+        fast = [
+            i for i, r in enumerate(rows)
+            if r.params.greedy and r.params.logprobs is None and not _needs_processing(r)
+        ]
+        fast_set = set(fast)
+        slow = [i for i in range(n) if i not in fast_set]
+        if fast:
+            fast_idx = torch.tensor(fast, dtype=torch.long, device=device)
+            token_ids[fast_idx] = logits.index_select(0, fast_idx).argmax(dim=-1)
+
+        logprob_info: dict[int, tuple[int, int]] = {}
+        lp_tensors: list[torch.Tensor] = []
+        if slow:
+            slow_rows = [rows[i] for i in slow]
+            slow_idx = torch.tensor(slow, dtype=torch.long, device=device)
+            proc = logits.index_select(0, slow_idx)  # a copy: the caller's logits stay untouched
+            masked = [j for j, row in enumerate(slow_rows) if self._mask_row(proc, j, row, vocab)]
+            if masked:
+                # A row whose masks left nothing allowed falls back to its unmasked logits.
+                m_idx = torch.tensor(masked, dtype=torch.long, device=device)
+                dead = torch.isneginf(proc.index_select(0, m_idx)).all(dim=-1)
+                if bool(dead.any()):
+                    d_idx = m_idx[dead]
+                    proc[d_idx] = logits.index_select(0, slow_idx.index_select(0, d_idx))
+            for j, row in enumerate(slow_rows):
+                self._penalise_row(proc, j, row, vocab)
+
+            chosen = self._choose(proc, slow_rows, device)
+            token_ids[slow_idx] = chosen
+
+            want = [j for j, r in enumerate(slow_rows) if r.params.logprobs is not None]
+            if want:
+                want_idx = torch.tensor(want, dtype=torch.long, device=device)
+                lp_tensors = self._logprobs(proc.index_select(0, want_idx), chosen.index_select(0, want_idx),
+                                            [slow_rows[j].params.logprobs for j in want])
+                for k, j in enumerate(want):
+                    logprob_info[slow[j]] = (k, slow_rows[j].params.logprobs)
+
+        ids_cpu = token_ids.tolist()
+        if lp_tensors:
+            chosen_lp, ranks, top_vals, top_ids = (t.tolist() for t in lp_tensors)
+        results: list[SampleResult] = []
+        for i in range(n):
+            tok = int(ids_cpu[i])
+            info = logprob_info.get(i)
+            if info is None:
+                results.append(SampleResult(tok, None, None, None))
+                continue
+            k, num = info
+            top = {int(t): float(v) for t, v in zip(top_ids[k][:num], top_vals[k][:num])}
+            top[tok] = float(chosen_lp[k])
+            results.append(SampleResult(tok, float(chosen_lp[k]), top, int(ranks[k])))
+        return results
+
+    @staticmethod
+    def _mask_row(proc: torch.Tensor, j: int, row: SampleRow, vocab: int) -> bool:
+        """Apply the grammar mask and the min_tokens ban; say whether anything was masked."""
+        p = row.params
+        touched = False
+        if row.allowed_mask is not None:
+            mask = row.allowed_mask.to(device=proc.device, dtype=torch.bool)
+            if mask.numel() < vocab:
+                full = torch.zeros(vocab, dtype=torch.bool, device=proc.device)
+                full[: mask.numel()] = mask
+                mask = full
+            elif mask.numel() > vocab:
+                mask = mask[:vocab]
+            proc[j].masked_fill_(~mask, _NEG_INF)
+            touched = True
+        if len(row.output_token_ids) < p.min_tokens:
+            banned = [t for t in (*row.eos_token_ids, *p.stop_token_ids) if 0 <= t < vocab]
+            if banned:
+                proc[j, torch.tensor(banned, dtype=torch.long, device=proc.device)] = _NEG_INF
+                touched = True
+        return touched
+
+    @staticmethod
+    def _penalise_row(proc: torch.Tensor, j: int, row: SampleRow, vocab: int) -> None:
+        p = row.params
+        device = proc.device
+        if p.repetition_penalty != 1.0:
+            seen = [t for t in (*row.prompt_token_ids, *row.output_token_ids) if 0 <= t < vocab]
+            if seen:
+                idx = torch.tensor(seen, dtype=torch.long, device=device).unique()
+                vals = proc[j, idx]
+                pen = p.repetition_penalty
+                proc[j, idx] = torch.where(vals > 0, vals / pen, vals * pen)
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            out = [t for t in row.output_token_ids if 0 <= t < vocab]
+            if out:
+                counts = torch.bincount(torch.tensor(out, dtype=torch.long, device=device), minlength=vocab)
+                counts = counts.to(proc.dtype)
+                proc[j] -= p.presence_penalty * (counts > 0).to(proc.dtype) + p.frequency_penalty * counts
+
+    def _choose(self, proc: torch.Tensor, rows: list[SampleRow], device: torch.device) -> torch.Tensor:
+        m, vocab = proc.shape
+        chosen = proc.argmax(dim=-1)
+        sampled = [j for j, r in enumerate(rows) if not r.params.greedy]
+        if not sampled:
+            return chosen
+        s_idx = torch.tensor(sampled, dtype=torch.long, device=device)
+        s_rows = [rows[j] for j in sampled]
+        x = proc.index_select(0, s_idx)
+        temps = torch.tensor([r.params.temperature for r in s_rows], dtype=x.dtype, device=device)
+        x.div_(temps.unsqueeze(-1))
+
+        ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in s_rows]
+        if any(ks):
+            x = _apply_top_k(x, ks)
+        ps = [r.params.top_p for r in s_rows]
+        if any(pv < 1.0 for pv in ps):
+            x = _apply_top_p(x, ps)
+        mps = [r.params.min_p for r in s_rows]
+        if any(mp > 0.0 for mp in mps):
+            x = _apply_min_p(x, mps)
+
+        probs = torch.softmax(x, dim=-1)
+        noise = torch.empty_like(probs)
+        shared = [k for k, r in enumerate(s_rows) if r.generator is None]
+        if shared:
+            g = self._shared_generator(device)
+            sh = torch.empty((len(shared), vocab), dtype=probs.dtype, device=device).exponential_(generator=g)
+            noise[torch.tensor(shared, dtype=torch.long, device=device)] = sh
+        for k, r in enumerate(s_rows):
+            if r.generator is not None:
+                gdev = r.generator.device
+                e = torch.empty(vocab, dtype=probs.dtype, device=gdev).exponential_(generator=r.generator)
+                noise[k] = e.to(device)
+        noise.clamp_min_(torch.finfo(probs.dtype).tiny)
+        picks = (probs / noise).argmax(dim=-1)
+        chosen[s_idx] = picks
+        return chosen
+
+    @staticmethod
+    def _logprobs(proc: torch.Tensor, chosen: torch.Tensor, nums: list[int]) -> list[torch.Tensor]:
+        lp = torch.log_softmax(proc, dim=-1)
+        chosen_lp = lp.gather(1, chosen.unsqueeze(-1)).squeeze(-1)
+        ranks = (lp > chosen_lp.unsqueeze(-1)).sum(dim=-1) + 1
+        kmax = max(nums)
+        if kmax > 0:
+            top_vals, top_ids = lp.topk(min(kmax, lp.shape[-1]), dim=-1)
+        else:
+            top_vals = lp.new_empty((lp.shape[0], 0))
+            top_ids = torch.empty((lp.shape[0], 0), dtype=torch.long, device=lp.device)
+        return [chosen_lp, ranks, top_vals, top_ids]
+
+
+def _apply_top_k(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Keep each row's ``k`` largest logits (``k == 0``: all of them)."""
+    vocab = x.shape[-1]
+    k = torch.tensor([kv if kv > 0 else vocab for kv in ks], dtype=torch.long, device=x.device)
+    kmax = int(max(kv if kv > 0 else vocab for kv in ks))
+    top_vals = x.topk(kmax, dim=-1).values
+    kth = top_vals.gather(1, (k - 1).clamp_max(kmax - 1).unsqueeze(-1))
+    drop = x < kth
+    drop[k >= vocab] = False
+    return x.masked_fill(drop, _NEG_INF)
+
+
+def _apply_top_p(x: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    """Keep the fewest most likely tokens whose probability mass reaches ``p`` (at least one)."""
+    top_p = torch.tensor(ps, dtype=x.dtype, device=x.device)
+    probs = torch.softmax(x, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop_sorted = mass_before >= top_p.unsqueeze(-1)
+    drop_sorted[:, 0] = False
+    drop_sorted[top_p >= 1.0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    return x.masked_fill(drop, _NEG_INF)
+
+
+def _apply_min_p(x: torch.Tensor, mps: list[float]) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p`` times the most likely token's."""
+    min_p = torch.tensor(mps, dtype=x.dtype, device=x.device)
+    probs = torch.softmax(x, dim=-1)
+    threshold = min_p.unsqueeze(-1) * probs.max(dim=-1, keepdim=True).values
+    drop = probs < threshold
+    return x.masked_fill(drop, _NEG_INF)

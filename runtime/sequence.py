@@ -1,0 +1,84 @@
+"""Coordinator-side request and sequence state.
+
+A ``Request`` holds the prompt, sampling parameters and its ``n`` sequences. A ``Sequence`` is one
+completion: its tokens (prompt + output), how many have their KV computed, and what the workers
+were last told about it (so the next step plan carries only deltas).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from kiln.runtime.outputs import Logprob
+from kiln.runtime.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: "Request"
+    index: int
+    token_ids: list[int]
+    num_prompt: int
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0
+    bm_len: int = 0                      # tokens registered with the block manager
+    sent_len: int = 0                    # tokens the workers know
+    sent_table: list[int] | None = None  # block table the workers know (None: unknown to them)
+    detok: object = None
+    text: str = ""
+    sent_text_len: int = 0
+    sent_token_len: int = 0
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    grammar: object = None               # a grammar matcher when the output is constrained
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False
+    error: str | None = None
+    num_cached_tokens: int = 0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.seqs) and all(s.finished for s in self.seqs) and (self.forked or self.params.n == 1 or self.error is not None)
+
+    def sort_key(self) -> tuple:
+        return (self.priority, self.arrival)
