@@ -68,6 +68,29 @@ def gather_kv(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Te
     return cache.index_select(0, table[:nblk]).flatten(0, 1)[:length]
 
 
+def _decode_batch_ref(q, k_cache, v_cache, meta: AttentionMetadata, rows: list[int], seqs: list[int], scale: float):
+    """One query token per sequence: gather every context at once, padded and masked."""
+    bs = k_cache.shape[1]
+    lens = torch.tensor([meta.seq_lens_cpu[i] for i in seqs], device=q.device)
+    width = max(meta.seq_lens_cpu[i] for i in seqs)
+    nblk = (width + bs - 1) // bs
+    idx = torch.tensor(seqs, device=q.device)
+    tables = meta.block_tables.index_select(0, idx)[:, :nblk].long()
+    b = len(seqs)
+    k = k_cache[tables].reshape(b, nblk * bs, *k_cache.shape[2:])[:, :width].to(q.dtype)
+    v = v_cache[tables].reshape(b, nblk * bs, *v_cache.shape[2:])[:, :width].to(q.dtype)
+    kpos = torch.arange(width, device=q.device)
+    mask = kpos[None, :] < lens[:, None]
+    if meta.sliding_window is not None:
+        mask &= kpos[None, :] > (lens[:, None] - 1 - meta.sliding_window)
+    qi = q.index_select(0, torch.tensor(rows, device=q.device)).unsqueeze(2)  # [B, Hq, 1, D]
+    o = F.scaled_dot_product_attention(
+        qi, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale,
+        enable_gqa=q.shape[1] != k_cache.shape[2],
+    )
+    return o.squeeze(2)
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -75,11 +98,18 @@ def paged_attention_ref(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention of q [T, Hq, D] against each sequence's cached context; returns [T, Hq, D]."""
+    """Causal attention of q [T, Hq, D] against each sequence's cached context; returns [T, Hq, D].
+    Single-token queries (decodes) are batched together; longer ones run one sequence at a time."""
     out = torch.empty_like(q)
     hq, hk = q.shape[1], k_cache.shape[2]
+    dec_rows, dec_seqs = [], []
     start = 0
     for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        if qlen == 1:
+            dec_rows.append(start)
+            dec_seqs.append(i)
+            start += 1
+            continue
         if qlen == 0:
             continue
         table = meta.block_tables[i]
@@ -99,6 +129,8 @@ def paged_attention_ref(
         )
         out[start : start + qlen] = o.transpose(0, 1)
         start += qlen
+    if dec_rows:
+        out[torch.tensor(dec_rows, device=q.device)] = _decode_batch_ref(q, k_cache, v_cache, meta, dec_rows, dec_seqs, scale)
     return out
 
 

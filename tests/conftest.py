@@ -97,3 +97,20 @@ def smollm_hf():
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def small_engine(tmp_path_factory):
+    """A small random Llama (transformers-initialised, wide logits so greedy ties are rare) built
+    for the CPU: fast enough to run hundreds of requests with long prompts in CI."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.08, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("small-hf")
+    model.save_pretrained(d)
+    return build_small(str(d), str(tmp_path_factory.mktemp("eng") / "small"), max_seq_len=1024)
