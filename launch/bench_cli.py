@@ -8,6 +8,7 @@ import sys
 
 BENCHMARKS = {
     "cpu-generate": "bench_cpu_generate.py",
+    "inflight": "bench_inflight.py",
 }
 
 

@@ -137,8 +137,16 @@ def cmd_serve(a) -> int:
         raise CLIError(f"serving needs the server extras ({e.name} is missing): pip install 'kiln-llm[serve]'") from None
     if not (0 < a.port < 65536):
         raise CLIError(f"invalid --port: {a.port} is not in 1..65535")
-    if a.launcher != "local":
-        raise CLIError(f"--launcher {a.launcher} is not available in this version: use --launcher local")
+    if a.launcher == "torchrun":
+        raise CLIError("--launcher torchrun is not available for serve: use --launcher local or --launcher ray")
+    if a.launcher == "ray":
+        from kiln.launch.topology import load_topology
+
+        if not a.topology:
+            raise CLIError("--launcher ray needs --topology: pass a file from cluster_configs/ (e.g. local-cpu.yaml)")
+        a.topology_spec = load_topology(a.topology)  # one clear line on a bad file, before anything starts
+    elif a.topology:
+        raise CLIError("--topology only applies to --launcher ray")
     if a.speculative != "none" or a.draft_engine:
         raise CLIError("speculative decoding is not available in this version: drop --speculative/--draft-engine")
     return serve(a)

@@ -142,7 +142,7 @@ class AsyncEngine:
         try:
             while not self._stop:
                 self._apply_commands()
-                if not self.engine.has_unfinished() and not self.engine._changed:
+                if not self.engine.has_unfinished() and not self.engine.has_pending_outputs():
                     self.last_stats = self.engine.stats()
                     self._wake.wait(0.1)
                     self._wake.clear()

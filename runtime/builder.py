@@ -75,7 +75,10 @@ def build_engine(
 ) -> str:
     """Builds an engine directory and returns its path."""
     t0 = time.time()
-    reader = reader or open_checkpoint(model, random_weights=random_weights, seed=seed)
+    if reader is None:
+        # Random weights are drawn in the build dtype, on the GPU when there is one: one tensor at a time.
+        gen_device = "cuda" if (random_weights and torch.cuda.is_available() and device_class != "cpu") else "cpu"
+        reader = open_checkpoint(model, random_weights=random_weights, seed=seed, dtype=TORCH_DTYPES[build.dtype], device=gen_device)
     cfg = reader.config
     if build.max_seq_len > cfg.max_position_embeddings:
         build = build.model_copy(update={"max_seq_len": cfg.max_position_embeddings})
@@ -122,7 +125,11 @@ def build_engine(
     finally:
         bar.close()
 
-    tok_info = reader.save_tokenizer(os.path.join(out, "tokenizer"))
+    try:
+        tok_info = reader.save_tokenizer(os.path.join(out, "tokenizer"))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     for root, _, files in os.walk(os.path.join(out, "tokenizer")):
         for f in sorted(files):
             p = os.path.join(root, f)

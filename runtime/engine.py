@@ -12,7 +12,7 @@ import time
 
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop, stop_holdback
-from kiln.runtime.loader import LoadedEngine, load_local
+from kiln.runtime.loader import LoadedEngine, load_engine
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from kiln.runtime.plan import CachedSeq, StepResult
 from kiln.runtime.sampling_params import SamplingParams
@@ -35,6 +35,7 @@ class LLMEngine:
         engine_dir: str | None = None,
         *,
         loaded: LoadedEngine | None = None,
+        launcher: str = "local",
         device: str | None = None,
         num_kv_blocks: int | None = None,
         enable_prefix_caching: bool = True,
@@ -43,8 +44,8 @@ class LLMEngine:
         seed: int | None = None,
         executor=None,
     ):
-        self.loaded = loaded or load_local(
-            engine_dir, device=device, num_kv_blocks=num_kv_blocks, max_num_tokens=max_num_tokens,
+        self.loaded = loaded or load_engine(
+            engine_dir, launcher=launcher, device=device, num_kv_blocks=num_kv_blocks, max_num_tokens=max_num_tokens,
             max_batch_size=max_batch_size, seed=seed,
         )
         ld = self.loaded
@@ -106,7 +107,10 @@ class LLMEngine:
         seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
         seq.logprobs = [] if req.params.logprobs is not None else None
         if req.params.response_format is not None:
-            seq.grammar = self.grammars().matcher(req.params.response_format)
+            try:
+                seq.grammar = self.grammars().matcher(req.params.response_format)
+            except ValueError as e:
+                raise RequestError(str(e), code="invalid_response_format", param="response_format") from None
         self._seqs_by_id[seq.seq_id] = seq
         return seq
 
@@ -133,6 +137,10 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def has_pending_outputs(self) -> bool:
+        """Outputs (an abort's, say) that the next ``step`` returns even with nothing to run."""
+        return bool(self._changed)
 
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -214,8 +222,9 @@ class LLMEngine:
         n_out = seq.num_output
         reason, stop = None, None
         if seq.grammar is not None:
-            seq.grammar.accept(tok)
-            if seq.grammar.is_terminated():
+            if not seq.grammar.accept(tok):
+                reason = "error"  # the token left the grammar (no allowed token was left to sample)
+            elif seq.grammar.is_terminated():
                 reason = "stop"
         if reason is None and n_out >= p.min_tokens:
             if not p.ignore_eos and tok in self.eos_token_ids:
@@ -278,6 +287,12 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             metrics=metrics,
         )
+
+    def shutdown(self) -> None:
+        """Stops the workers of a multi-rank engine (a no-op for one rank)."""
+        stop = getattr(self.executor, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def stats(self) -> dict:
         s = self.scheduler.stats()

@@ -6,7 +6,6 @@ import os
 
 import torch
 
-from kiln.runtime.config import ModelConfig
 
 
 class KVCache:
@@ -33,14 +32,11 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def default_num_blocks(
-    cfg: ModelConfig, num_layers: int, num_kv_heads: int, block_size: int, max_batch_size: int, max_seq_len: int,
-    dtype, device, gpu_memory_utilization: float = 0.9,
-) -> int:
-    """Enough blocks for every sequence at full length, capped by memory: on a GPU a share of
-    the free memory after weights; on a CPU a quarter of the available RAM."""
-    per_block = KVCache.bytes_per_block(num_layers, block_size, num_kv_heads, cfg.head_dim, dtype)
-    want = max_batch_size * -(-max_seq_len // block_size)
+def memory_block_capacity(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype, device,
+                          gpu_memory_utilization: float = 0.9) -> int:
+    """Blocks that fit in memory: on a GPU a share of the free memory after weights; on a CPU a
+    quarter of the available RAM."""
+    per_block = KVCache.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
     dev = torch.device(device)
     if dev.type == "cuda":
         free, total = torch.cuda.mem_get_info(dev)
@@ -51,11 +47,15 @@ def default_num_blocks(
         except (ValueError, OSError):
             avail = 8 << 30
         budget = avail / 4
-    cap = int(budget // per_block)
+    return max(0, int(budget // per_block))
+
+
+def choose_num_blocks(capacity: int, block_size: int, max_batch_size: int, max_seq_len: int) -> int:
+    """Enough blocks for every sequence at full length, capped by what memory holds."""
     need = -(-max_seq_len // block_size)
-    if cap < need:
+    if capacity < need:
         raise MemoryError(
-            f"KV cache needs {need} blocks for one sequence of {max_seq_len} tokens but memory fits {cap}: "
+            f"KV cache needs {need} blocks for one sequence of {max_seq_len} tokens but memory fits {capacity}: "
             "build with a smaller --max-seq-len or free memory"
         )
-    return max(need, min(want, cap))
+    return max(need, min(max_batch_size * need, capacity))

@@ -14,8 +14,10 @@ class LLM:
     """Loads an engine and generates with in-flight batching over all the prompts given.
 
     ``launcher``: ``"local"`` (this process; more ranks start one process each),
-    ``"torchrun"`` or ``"ray"``. ``num_kv_blocks``, ``enable_prefix_caching``, ``max_num_tokens``
-    and ``max_batch_size`` override the engine's defaults.
+    ``"torchrun"`` or ``"ray"`` (placed on a Ray cluster as ``topology`` describes: a file from
+    ``cluster_configs/``, a path or a ``Topology``; data-parallel replicas, failover, restarts).
+    ``num_kv_blocks``, ``enable_prefix_caching``, ``max_num_tokens`` and ``max_batch_size`` override
+    the engine's defaults.
     """
 
     def __init__(
@@ -29,13 +31,21 @@ class LLM:
         max_num_tokens: int | None = None,
         max_batch_size: int | None = None,
         seed: int | None = None,
+        topology=None,
     ):
-        if launcher != "local":
-            raise ValueError(f"launcher '{launcher}' is not available in this version: use launcher='local'")
-        self.engine = LLMEngine(
-            engine, device=device, num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
-            max_num_tokens=max_num_tokens, max_batch_size=max_batch_size, seed=seed,
-        )
+        if launcher == "ray":
+            from kiln.launch.ray_launcher import make_ray_engine
+
+            self.engine = make_ray_engine(
+                engine, topology, device=device, num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
+                max_num_tokens=max_num_tokens, max_batch_size=max_batch_size, seed=seed,
+            )
+        else:
+            self.engine = LLMEngine(
+                engine, launcher=launcher, device=device, num_kv_blocks=num_kv_blocks,
+                enable_prefix_caching=enable_prefix_caching, max_num_tokens=max_num_tokens, max_batch_size=max_batch_size,
+                seed=seed,
+            )
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -93,3 +103,13 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """Stops worker processes of a multi-rank engine."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from kiln.parallel.mapping import Mapping
 from kiln.runtime.builder import TORCH_DTYPES, BuildError, read_engine_config
 from kiln.runtime.config import EngineConfig
-from kiln.runtime.kv_cache import KVCache, default_num_blocks
+from kiln.runtime.kv_cache import KVCache, choose_num_blocks, memory_block_capacity
 from kiln.runtime.model import DecoderModel
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.safetensors_stream import sha256_file
@@ -86,6 +86,68 @@ def load_rank(engine_dir: str, config: EngineConfig, mapping: Mapping, device: t
     return model
 
 
+def load_engine(engine_dir: str, *, launcher: str = "local", **kw) -> LoadedEngine:
+    """Loads an engine with the given launcher: ``local`` (this process; more ranks start as
+    worker processes here), ``torchrun`` (this process is rank 0 of a torchrun job) or ``ray`` (one
+    replica placed on a Ray cluster; pass ``topology=``)."""
+    if launcher == "ray":
+        from kiln.launch.ray_launcher import load_ray_engine
+
+        return load_ray_engine(engine_dir, **kw)
+    if launcher not in ("local", "torchrun"):
+        raise EngineLoadError(f"launcher '{launcher}' is not available here: use 'local', 'torchrun' or 'ray'")
+    config = read_engine_config(engine_dir)
+    if launcher == "torchrun" or config.build.world_size > 1:
+        return load_distributed(engine_dir, launcher=launcher, **kw)
+    return load_local(engine_dir, **kw)
+
+
+def _limits(config: EngineConfig, max_num_tokens, max_batch_size) -> tuple[int, int]:
+    b = config.build
+    mnt = max_num_tokens or b.max_num_tokens
+    mbs = max_batch_size or b.max_batch_size
+    for name, v in (("max_num_tokens", mnt), ("max_batch_size", mbs)):
+        if v < 1:
+            raise EngineLoadError(f"{name} must be at least 1")
+    return mnt, mbs
+
+
+def load_distributed(
+    engine_dir: str, *, launcher: str = "local", device: str | None = None, num_kv_blocks: int | None = None,
+    max_num_tokens: int | None = None, max_batch_size: int | None = None, seed: int | None = None, verify: bool = True,
+) -> LoadedEngine:
+    """Rank 0 of a multi-rank engine: under torchrun the other ranks already exist; with the
+    local launcher they are started here as worker processes."""
+    from kiln.runtime.worker import DistributedExecutor, Worker, free_port, spawn_local_workers
+
+    config = read_engine_config(engine_dir)
+    resolve_device(config, device)
+    if verify:
+        verify_files(engine_dir, config, [n for n in config.files if not n.startswith("rank")])
+    tokenizer = load_tokenizer(engine_dir, config)
+    mnt, mbs = _limits(config, max_num_tokens, max_batch_size)
+    eos = list(config.tokenizer.eos_token_ids or config.model.eos_token_id)
+    procs = []
+    if launcher == "torchrun":
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if rank != 0:
+            raise EngineLoadError("only rank 0 of a torchrun job loads the engine; other ranks run kiln.launch.torchrun_entry")
+        addr, port = None, None  # join through torchrun's environment
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        world, addr, port, local_rank = config.build.world_size, "127.0.0.1", free_port(), 0
+        procs = spawn_local_workers(engine_dir, world, port, device)
+    try:
+        w = Worker(engine_dir, 0, world, addr, port, device, local_rank, verify=verify)
+        nb = w.handshake(num_kv_blocks, mnt, mbs, eos, seed)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    return LoadedEngine(config, tokenizer, DistributedExecutor(w, procs), nb, mnt, mbs, eos,
+                        config.tokenizer.add_bos_token, config.tokenizer.chat_template)
+
+
 def load_local(
     engine_dir: str, *, device: str | None = None, num_kv_blocks: int | None = None,
     max_num_tokens: int | None = None, max_batch_size: int | None = None, seed: int | None = None,
@@ -104,19 +166,18 @@ def load_local(
     tokenizer = load_tokenizer(engine_dir, config)
     model = load_rank(engine_dir, config, Mapping(), dev, verify=verify)
     b = config.build
-    mnt = max_num_tokens or b.max_num_tokens
-    mbs = max_batch_size or b.max_batch_size
-    for name, v, lo in (("max_num_tokens", mnt, 1), ("max_batch_size", mbs, 1)):
-        if v < lo:
-            raise EngineLoadError(f"{name} must be at least {lo}")
+    mnt, mbs = _limits(config, max_num_tokens, max_batch_size)
     ls = model.ls
     dtype = TORCH_DTYPES[b.dtype]
-    nb = num_kv_blocks or default_num_blocks(
-        config.model, len(ls.layers), ls.num_kv_heads, b.tokens_per_block, mbs, b.max_seq_len, dtype, dev
+    nb = num_kv_blocks or choose_num_blocks(
+        memory_block_capacity(len(ls.layers), ls.num_kv_heads, ls.head_dim, b.tokens_per_block, dtype, dev),
+        b.tokens_per_block, mbs, b.max_seq_len,
     )
     kv = KVCache(len(ls.layers), nb, b.tokens_per_block, ls.num_kv_heads, ls.head_dim, dtype, dev)
     eos = list(config.tokenizer.eos_token_ids or config.model.eos_token_id)
     runner = ModelRunner(model, kv, mnt, mbs, eos_token_ids=eos, seed=seed)
+    if dev.type == "cuda" and not os.environ.get("KILN_EAGER"):
+        runner.enable_cuda_graphs(b.max_seq_len)
     return LoadedEngine(config, tokenizer, LocalExecutor(runner), nb, mnt, mbs, eos, config.tokenizer.add_bos_token, config.tokenizer.chat_template)
 
 

@@ -254,6 +254,22 @@ class DecoderModel(nn.Module):
             residual = None
         return h, residual
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy next tokens [N] without gathering the vocabulary: each tensor-parallel rank
+        finds the best token of its vocabulary slice, and only (value, index) pairs are gathered."""
+        local = F.linear(hidden, self.lm_head.weight).float()
+        first = self.ls.vocab_start
+        valid = self.cfg.vocab_size - first
+        if valid < local.shape[-1]:
+            local[:, max(valid, 0):] = float("-inf")  # padding rows of the last slice
+        val, idx = local.max(dim=-1)
+        if self.mapping.tp == 1:
+            return idx
+        vals = self.comm.all_gather_last(val.unsqueeze(-1))          # [N, tp]
+        ids = self.comm.all_gather_last((idx + first).unsqueeze(-1))  # [N, tp]
+        best = vals.argmax(dim=-1, keepdim=True)                       # ties: the lowest rank, the lowest id
+        return ids.gather(-1, best).squeeze(-1)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of the given final hidden states (gathered across tp)."""
         logits = F.linear(hidden, self.lm_head.weight).float()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kiln.kernels.attention import AttentionMetadata
@@ -41,9 +42,18 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler(seed)
+        mp = model.mapping
+        self.samples = mp.is_last_stage and mp.tp_rank == 0  # the rank that samples and reports tokens
         self.keep_logits = False  # tests: keep every row's logits of the last step in last_logits
         self.last_logits: torch.Tensor | None = None
         self._fork_parent: dict[int, int] = {}
+        self.graphs = None  # DecodeGraphs once enable_cuda_graphs() has captured them
+        # Benchmarks: with time_gpu set, each step records the GPU time between its first and last
+        # kernel (CUDA events) in last_gpu_s.
+        self.time_gpu = False
+        self.last_gpu_s = 0.0
+        self.last_step_decode_only = False
+        self.last_step_seqs = 0
         self.seqs: dict[int, SeqState] = {}
         dev = self.device
         self.input_ids = torch.zeros(max_num_tokens, dtype=torch.long, device=dev)
@@ -80,7 +90,8 @@ class ModelRunner:
         self.seqs[seq_id].generator = Sampler.make_generator(seed, self.device)
 
     # --- inputs -------------------------------------------------------------------------------
-    def _prepare(self, work: list[tuple[int, int, bool]]) -> tuple[int, AttentionMetadata, list[int]]:
+    def _gather(self, work: list[tuple[int, int, bool]]):
+        """Python lists of this step's inputs; also records each sampling sequence's last row."""
         ids, pos, slots, qlens, slens, tables = [], [], [], [], [], []
         self._last_row: dict[int, int] = {}
         bs = self.block_size
@@ -92,45 +103,114 @@ class ModelRunner:
             end = start + n
             if end > len(st.token_ids):
                 raise RuntimeError(f"sequence {sid}: asked to run {n} tokens past its {len(st.token_ids)}")
-            ids.extend(st.token_ids[start:end])
-            pos.extend(range(start, end))
             tbl = st.block_table
-            slots.extend(tbl[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:
+                ids.append(st.token_ids[start])
+                pos.append(start)
+                slots.append(tbl[start // bs] * bs + start % bs)
+            else:
+                ids.extend(st.token_ids[start:end])
+                pos.extend(range(start, end))
+                slots.extend(tbl[p // bs] * bs + p % bs for p in range(start, end))
             qlens.append(n)
             slens.append(end)
             tables.append(tbl)
             if sample:
                 self._last_row[sid] = len(ids) - 1
+        if len(ids) > self.max_num_tokens:
+            raise RuntimeError(f"step of {len(ids)} tokens exceeds max_num_tokens {self.max_num_tokens}")
+        sample_rows = [self._last_row[sid] if n else self._last_row[self._fork_parent[sid]] for sid, n, s in work if s]
+        return ids, pos, slots, qlens, slens, tables, sample_rows
+
+    def _prepare(self, ids, pos, slots, qlens, slens, tables, offset: int = 0) -> tuple[int, AttentionMetadata]:
+        """Stages inputs at ``offset`` in the persistent buffers and builds the attention metadata."""
         t = len(ids)
-        if t > self.max_num_tokens:
-            raise RuntimeError(f"step of {t} tokens exceeds max_num_tokens {self.max_num_tokens}")
         dev = self.device
-        self.input_ids[:t].copy_(torch.tensor(ids, dtype=torch.long))
-        self.positions[:t].copy_(torch.tensor(pos, dtype=torch.long))
-        self.slot_mapping[:t].copy_(torch.tensor(slots, dtype=torch.long))
+        o = offset
+        self.input_ids[o : o + t].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        self.positions[o : o + t].copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
+        self.slot_mapping[o : o + t].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
         width = max((len(x) for x in tables), default=1) or 1
-        bt = torch.zeros(len(tables), width, dtype=torch.int32)
+        bt = np.zeros((len(tables), width), dtype=np.int32)
         for i, x in enumerate(tables):
-            if x:
-                bt[i, : len(x)] = torch.tensor(x, dtype=torch.int32)
-        qsl = [0]
-        for q in qlens:
-            qsl.append(qsl[-1] + q)
+            bt[i, : len(x)] = x
+        qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
+        np.cumsum(qlens, out=qsl[1:])
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(slens, dtype=torch.int32, device=dev),
-            block_tables=bt.to(dev),
-            slot_mapping=self.slot_mapping[:t],
+            query_start_loc=torch.from_numpy(qsl).to(dev),
+            seq_lens=torch.tensor(slens, dtype=torch.int32).to(dev),
+            block_tables=torch.from_numpy(bt).to(dev),
+            slot_mapping=self.slot_mapping[o : o + t],
             query_lens_cpu=qlens,
             seq_lens_cpu=slens,
             max_query_len=max(qlens, default=0),
             max_seq_len=max(slens, default=0),
             sliding_window=self.model.cfg.sliding_window,
         )
-        sample_rows = [
-            self._last_row[sid] if n else self._last_row[self._fork_parent[sid]] for sid, n, s in work if s
-        ]
-        return t, meta, sample_rows
+        return t, meta
+
+    def enable_cuda_graphs(self, max_seq_len: int) -> None:
+        """Captures decode graphs for batch buckets up to max_batch_size (one pipeline stage only)."""
+        from kiln.kernels import triton_ops
+        from kiln.runtime.cuda_graph import DecodeGraphs
+
+        if self.device.type != "cuda" or self.model.mapping.pp > 1 or not triton_ops.available():
+            return
+        self.graphs = DecodeGraphs(self.model, self.kv, self.max_batch_size, max_seq_len, self.block_size)
+        self.graphs.capture()
+
+    def _plain_greedy(self, sid: int, masks) -> bool:
+        """Greedy with nothing that needs the full logits row (the same answer on every rank)."""
+        st = self.seqs[sid]
+        p = st.params
+        if not p.greedy or p.needs_penalties or p.logprobs is not None or (masks and sid in masks):
+            return False
+        return not (st.token_ids and len(st.token_ids) - st.num_prompt < p.min_tokens)
+
+    def _forward_microbatched(self, ids, pos, slots, qlens, slens, tables) -> torch.Tensor | None:
+        """Pipeline stages overlap: the batch is cut into micro-batches of whole sequences; a stage
+        sends micro-batch i on without waiting and starts on i + 1 while the next stage runs i."""
+        m = self.model
+        n = len(qlens)
+        k = min(m.mapping.pp, n)
+        total = len(ids)
+        cuts, acc, target = [0], 0, total / k
+        for i, q in enumerate(qlens):
+            acc += q
+            if len(cuts) < k and acc >= target * len(cuts) and i + 1 < n:
+                cuts.append(i + 1)
+        cuts.append(n)
+        outs, pending, keep = [], [], []
+        tok = 0
+        for a, b in zip(cuts, cuts[1:]):
+            t_mb = sum(qlens[a:b])
+            sl = slice(tok, tok + t_mb)
+            t, meta = self._prepare(ids[sl], pos[sl], slots[sl], qlens[a:b], slens[a:b], tables[a:b], offset=tok)
+            hidden = residual = None
+            if not m.mapping.is_first_stage:
+                hidden, residual = m.comm.recv_hidden(t, m.cfg.hidden_size, m.dtype, self.device)
+            h, res = m(self.input_ids[tok : tok + t], self.positions[tok : tok + t], self.kv.layers, meta, hidden, residual)
+            if m.mapping.is_last_stage:
+                outs.append(h)
+            else:
+                pending.extend(m.comm.isend_hidden(h, res))
+                keep.append((h, res))
+            tok += t_mb
+        for w in pending:
+            w.wait()
+        return torch.cat(outs) if outs else None
+
+    def _forward(self, t: int, meta: AttentionMetadata) -> torch.Tensor | None:
+        """This stage's layers; None on a stage that handed its output to the next one."""
+        m = self.model
+        hidden = residual = None
+        if not m.mapping.is_first_stage:
+            hidden, residual = m.comm.recv_hidden(t, m.cfg.hidden_size, m.dtype, self.device)
+        h, res = m(self.input_ids[:t], self.positions[:t], self.kv.layers, meta, hidden, residual)
+        if not m.mapping.is_last_stage:
+            m.comm.send_hidden(h, res)
+            return None
+        return h
 
     # --- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -140,18 +220,42 @@ class ModelRunner:
         if not work:
             return result
         t0 = time.perf_counter()
-        t, meta, sample_rows = self._prepare(work)
-        hidden, _ = self.model(self.input_ids[:t], self.positions[:t], self.kv.layers, meta)
-        if self.keep_logits:
-            self.last_logits = self.model.compute_logits(hidden)
-        sampled_ids = [sid for sid, _, s in work if s]
+        ids, pos, slots, qlens, slens, tables, sample_rows = self._gather(work)
+        self.last_step_decode_only = len(ids) == len(qlens)
+        self.last_step_seqs = len(qlens)
+        ev = None
+        if self.time_gpu and self.device.type == "cuda":
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
+        if self.graphs is not None and len(ids) == len(qlens) and self.graphs.fits(len(ids)) and not self.keep_logits:
+            hidden = self.graphs.run(ids, pos, slots, slens, tables)
+        elif self.model.mapping.pp > 1 and len(qlens) > 1:
+            hidden = self._forward_microbatched(ids, pos, slots, qlens, slens, tables)
+        else:
+            t, meta = self._prepare(ids, pos, slots, qlens, slens, tables)
+            hidden = self._forward(t, meta)
         for sid, n, _ in work:
             self.seqs[sid].num_computed += n
         for child, parent in self._fork_parent.items():
             self.seqs[child].num_computed = self.seqs[parent].num_computed
+        if hidden is None:  # not the last pipeline stage: the hidden states went on to the next
+            result.forward_s = time.perf_counter() - t0
+            return result
+        if self.keep_logits:
+            self.last_logits = self.model.compute_logits(hidden)
+        sampled_ids = [sid for sid, _, s in work if s]
+        if sampled_ids and self.model.mapping.tp > 1 and all(self._plain_greedy(sid, allowed_masks) for sid in sampled_ids):
+            idx = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            toks = self.model.greedy_tokens(hidden.index_select(0, idx))
+            if self.samples:
+                result.sampled = [SampledToken(sid, t) for sid, t in zip(sampled_ids, toks.tolist())]
+            sampled_ids = []
         if sampled_ids:
             idx = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, idx))
+            if not self.samples:  # another tensor-parallel rank samples; this one only joined the gather
+                result.forward_s = time.perf_counter() - t0
+                return result
             rows = []
             for sid in sampled_ids:
                 st = self.seqs[sid]
@@ -167,5 +271,9 @@ class ModelRunner:
                 )
             for sid, r in zip(sampled_ids, self.sampler(logits, rows)):
                 result.sampled.append(SampledToken(sid, r.token_id, r.logprob, r.rank, r.top_logprobs))
+        if ev is not None:
+            ev[1].record()
+            ev[1].synchronize()
+            self.last_gpu_s = ev[0].elapsed_time(ev[1]) / 1000
         result.forward_s = time.perf_counter() - t0
         return result

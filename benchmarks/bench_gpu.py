@@ -1,0 +1,250 @@
+"""The GPU benchmark suite, in one run on one GPU:
+
+(a) batch-1 decode time per token of a llama-3-8b-shaped random engine in bfloat16, against the
+    bandwidth floor (weight bytes read per step / measured device copy bandwidth);
+(b) offline throughput: N requests (default 1,000), input lengths uniform in 128-2,048, output
+    lengths uniform in 128-1,024 (ignore_eos), max_batch_size 256; GPU busy fraction of decode;
+(c) the baseline: transformers' `generate` on the same GPU for (a), and for a 128-request sample
+    of (b) in padded batches (static cache), throughput taken from that sample;
+(d) time to first token of a 2,048-token prompt.
+
+    python benchmarks/bench_gpu.py [--model llama-3-8b] [--requests 1000] [--skip-baseline]
+
+Writes one record per part to benchmarks/results/ (or $KILN_RESULTS_DIR) and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import write_record  # noqa: E402
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
+    """Bytes read plus written per second by a large device-to-device copy."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(iters):
+        b.copy_(a)
+    e.record()
+    torch.cuda.synchronize()
+    return 2 * nbytes * iters / (s.elapsed_time(e) / 1000)
+
+
+def build(model: str, out: str, max_batch: int, max_seq: int) -> str:
+    if not os.path.exists(os.path.join(out, "engine.json")):
+        t = time.time()
+        subprocess.run([sys.executable, "-m", "kiln.launch.cli", "build", "--model", model, "--random-weights", "--dtype", "bfloat16",
+                        "--device", "cuda", "--output", out, "--max-batch-size", str(max_batch), "--max-seq-len", str(max_seq),
+                        "--max-num-tokens", "8192", "--quiet"], check=True)
+        print(f"built {out} in {time.time() - t:.1f} s", flush=True)
+    return out
+
+
+def weight_bytes(engine) -> tuple[int, int]:
+    """(all weight bytes, bytes a decode step reads: all but the embedding table)."""
+    total = read = 0
+    for n, p in engine.executor.runner.model.named_parameters():
+        b = p.numel() * p.element_size()
+        total += b
+        if "embed_tokens" not in n or engine.config.model.tie_word_embeddings:
+            read += b
+    return total, read
+
+
+def decode_ms_per_token(engine, prompt_len: int = 128, steps: int = 256) -> float:
+    from kiln.runtime.sampling_params import SamplingParams
+
+    rng = random.Random(0)
+    ids = [rng.randrange(1000, 30000) for _ in range(prompt_len)]
+    engine.add_request("b1", ids, SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True))
+    engine.step()  # prefill
+    for _ in range(8):
+        engine.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 0
+    while engine.has_unfinished():
+        engine.step()
+        n += 1
+    return (time.perf_counter() - t) / n * 1000
+
+
+def workload(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    return [([rng.randrange(1000, 30000) for _ in range(rng.randint(128, 2048))], rng.randint(128, 1024)) for _ in range(n)]
+
+
+def offline_throughput(engine, reqs) -> dict:
+    from kiln.runtime.sampling_params import SamplingParams
+
+    runner = engine.executor.runner
+    for i, (p, m) in enumerate(reqs):
+        engine.add_request(f"o{i}", p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    decode_wall = decode_gpu = 0.0
+    full_batch_wall = full_batch_gpu = 0.0
+    while engine.has_unfinished():
+        runner.time_gpu = True
+        ts = time.perf_counter()
+        engine.step()
+        wall = time.perf_counter() - ts
+        if runner.last_step_decode_only:
+            decode_wall += wall
+            decode_gpu += runner.last_gpu_s
+            if runner.last_step_seqs >= 256:
+                full_batch_wall += wall
+                full_batch_gpu += runner.last_gpu_s
+    wall = time.perf_counter() - t0
+    out_tokens = sum(m for _, m in reqs)
+    return {
+        "output_tokens_per_s": round(out_tokens / wall, 1),
+        "total_tokens_per_s": round((out_tokens + sum(len(p) for p, _ in reqs)) / wall, 1),
+        "wall_s": round(wall, 1),
+        "gpu_busy_fraction": round(decode_gpu / decode_wall, 3) if decode_wall else None,
+        "gpu_busy_fraction_batch256": round(full_batch_gpu / full_batch_wall, 3) if full_batch_wall else None,
+        "preemptions": engine.stats()["preemptions"],
+    }
+
+
+def ttft_ms(engine, prompt_len: int = 2048, repeats: int = 5) -> float:
+    from kiln.runtime.sampling_params import SamplingParams
+
+    rng = random.Random(1)
+    times = []
+    for r in range(repeats):
+        ids = [rng.randrange(1000, 30000) for _ in range(prompt_len)]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.add_request(f"t{r}", ids, SamplingParams(max_tokens=1, temperature=0.0))
+        while engine.has_unfinished():
+            engine.step()
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def hf_baseline(cfg_name: str, reqs, batch: int = 32, decode_tokens: int = 128) -> dict:
+    import transformers
+
+    from kiln.runtime.presets import resolve_preset
+
+    c = resolve_preset(cfg_name)
+    hcfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=4096, rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_word_embeddings,
+    )
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(hcfg).to(torch.bfloat16).eval()
+    out = {}
+    ids = torch.randint(1000, 30000, (1, 128), device="cuda")
+    gen = dict(do_sample=False, cache_implementation="static", pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=16, min_new_tokens=16, **gen)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, **gen)
+        torch.cuda.synchronize()
+        out["baseline_decode_ms_per_token"] = round((time.perf_counter() - t) / decode_tokens * 1000, 3)
+        sample = reqs[:128]
+        t = time.perf_counter()
+        for i in range(0, len(sample), batch):
+            chunk = sample[i : i + batch]
+            width = max(len(p) for p, _ in chunk)
+            new = max(m for _, m in chunk)
+            x = torch.zeros(len(chunk), width, dtype=torch.long, device="cuda")
+            mask = torch.zeros_like(x)
+            for j, (p, _) in enumerate(chunk):  # left padding
+                x[j, width - len(p):] = torch.tensor(p)
+                mask[j, width - len(p):] = 1
+            model.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **gen)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    out["baseline_output_tokens_per_s"] = round(sum(m for _, m in sample) / wall, 1)
+    out["baseline_sample_requests"] = len(sample)
+    out["baseline_batch"] = batch
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def plot(path: str, rows: list[tuple[str, float, float]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = [r[0] for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r[1] for r in rows], width=0.4, label="kiln")
+    ax.bar([i + 0.2 for i in x], [r[2] for r in rows], width=0.4, label="transformers")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("output tokens/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--engines", default="/tmp/kiln-engines")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--parts", default="abcd")
+    a = ap.parse_args()
+    from kiln.runtime.engine import LLMEngine
+
+    bw = copy_bandwidth()
+    eng_dir = build(a.model, os.path.join(a.engines, f"{a.model}-bf16"), 256, 4096)
+    engine = LLMEngine(eng_dir)
+    total, read = weight_bytes(engine)
+    floor_ms = read / bw * 1000
+    reqs = workload(a.requests)
+    base = hf_baseline(a.model, reqs) if not a.skip_baseline and "c" in a.parts else {}
+    settings = {"dtype": "bfloat16", "max_batch_size": 256, "cuda_graphs": engine.executor.runner.graphs is not None}
+    if "a" in a.parts:
+        ms = decode_ms_per_token(engine)
+        m = {"decode_ms_per_token": round(ms, 3), "bandwidth_floor_ms": round(floor_ms, 3), "ratio_to_floor": round(ms / floor_ms, 3),
+             "copy_bandwidth_gb_s": round(bw / 1e9, 1), "weight_bytes": total, "weight_bytes_read_per_step": read}
+        if base:
+            m["baseline_decode_ms_per_token"] = base["baseline_decode_ms_per_token"]
+            m["speedup_vs_baseline"] = round(base["baseline_decode_ms_per_token"] / ms, 2)
+        write_record("gpu-decode-batch1", a.model, {**settings, "batch": 1, "prompt_tokens": 128}, m)
+    if "b" in a.parts:
+        m = offline_throughput(engine, reqs)
+        if base:
+            m.update({k: v for k, v in base.items() if k.startswith("baseline_") and "decode" not in k})
+            m["speedup_vs_baseline"] = round(m["output_tokens_per_s"] / base["baseline_output_tokens_per_s"], 2)
+        write_record("gpu-offline-throughput", a.model,
+                     {**settings, "requests": len(reqs), "input_tokens": "uniform 128-2048", "output_tokens": "uniform 128-1024",
+                      "ignore_eos": True}, m)
+        if base:
+            plot(os.path.join(os.environ.get("KILN_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results")),
+                              "gpu-throughput.png"),
+                 [("offline (b)", m["output_tokens_per_s"], base["baseline_output_tokens_per_s"]),
+                  ("batch-1 decode", 1000 / ms if "a" in a.parts else 0, 1000 / base["baseline_decode_ms_per_token"])])
+    if "d" in a.parts:
+        write_record("gpu-ttft", a.model, {**settings, "prompt_tokens": 2048}, {"ttft_ms_p50": round(ttft_ms(engine), 2)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Collectives over torch.distributed: NCCL between GPUs, gloo between CPU processes.
+
+``init_distributed`` joins the world and creates every tensor-parallel and pipeline group (group
+creation is collective: all ranks create all groups in the same order), plus a gloo group for
+the control plane. ``DistComm`` is what the model's parallel layers call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kiln.parallel.mapping import Mapping
+
+
+@dataclass
+class Groups:
+    tp: object
+    pp: object
+    control: object  # gloo, whole world: step plans and results as bytes
+
+
+def init_distributed(mapping: Mapping, master_addr: str | None, master_port: int | None, device: torch.device,
+                     timeout_s: float = 600) -> Groups:
+    """``master_port=None`` joins through the environment (torchrun's store); otherwise through
+    a TCP store that rank 0 opens at ``master_addr:master_port``."""
+    import datetime
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://" if master_port is None else f"tcp://{master_addr}:{master_port}",
+            rank=mapping.rank,
+            world_size=mapping.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    tp_group = pp_group = None
+    for s in range(mapping.pp):
+        ranks = mapping.for_rank(s * mapping.tp).tp_group_ranks()
+        g = dist.new_group(ranks)
+        if mapping.rank in ranks:
+            tp_group = g
+    for t in range(mapping.tp):
+        ranks = mapping.for_rank(t).pp_group_ranks()
+        g = dist.new_group(ranks)
+        if mapping.rank in ranks:
+            pp_group = g
+    control = dist.new_group(list(range(mapping.world_size)), backend="gloo") if backend != "gloo" else dist.group.WORLD
+    return Groups(tp_group, pp_group, control)
+
+
+class DistComm:
+    """Tensor-parallel collectives and pipeline point-to-point transfers of one rank."""
+
+    def __init__(self, mapping: Mapping, groups: Groups):
+        self.mapping = mapping
+        self.groups = groups
+        self.world_size = mapping.tp
+        self.allreduce_s = 0.0  # time spent in all-reduce (set KILN_TIME_COLLECTIVES=1 to measure)
+        self._time = bool(os.environ.get("KILN_TIME_COLLECTIVES"))
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mapping.tp == 1:
+            return x
+        if self._time:
+            import time
+
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            dist.all_reduce(x, group=self.groups.tp)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            self.allreduce_s += time.perf_counter() - t
+            return x
+        dist.all_reduce(x, group=self.groups.tp)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenates each tensor-parallel rank's ``x`` along the last dimension, in rank order."""
+        if self.mapping.tp == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.mapping.tp)]
+        dist.all_gather(parts, x.contiguous(), group=self.groups.tp)
+        return torch.cat(parts, dim=-1)
+
+    def _peer(self, stage: int) -> int:
+        return stage * self.mapping.tp + self.mapping.tp_rank
+
+    def send_hidden(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        dst = self._peer(self.mapping.pp_rank + 1)
+        dist.send(hidden.contiguous(), dst)
+        dist.send(residual.contiguous(), dst)
+
+    def isend_hidden(self, hidden: torch.Tensor, residual: torch.Tensor) -> list:
+        """Non-blocking send to the next stage; wait on the returned handles before reusing the tensors."""
+        dst = self._peer(self.mapping.pp_rank + 1)
+        return [dist.isend(hidden.contiguous(), dst), dist.isend(residual.contiguous(), dst)]
+
+    def recv_hidden(self, num_tokens: int, hidden_size: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        src = self._peer(self.mapping.pp_rank - 1)
+        h = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)
+        r = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)
+        dist.recv(h, src)
+        dist.recv(r, src)
+        return h, r
+
+
+class ControlPlane:
+    """Rank 0 (the coordinator) broadcasts bytes to every rank; any rank can send bytes to rank 0.
+    Only msgpack bytes cross: nothing is pickled."""
+
+    def __init__(self, group, rank: int):
+        self.group = group
+        self.rank = rank
+
+    def broadcast(self, data: bytes | None) -> bytes:
+        n = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+        dist.broadcast(n, 0, group=self.group)
+        if int(n) == 0:
+            return b""
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else torch.empty(int(n), dtype=torch.uint8)
+        dist.broadcast(buf, 0, group=self.group)
+        return data if self.rank == 0 else bytes(buf.numpy())
+
+    def send(self, data: bytes, dst: int) -> None:
+        dist.send(torch.tensor([len(data)], dtype=torch.int64), dst, group=self.group)
+        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst, group=self.group)
+
+    def recv(self, src: int) -> bytes:
+        n = torch.empty(1, dtype=torch.int64)
+        dist.recv(n, src, group=self.group)
+        buf = torch.empty(int(n), dtype=torch.uint8)
+        dist.recv(buf, src, group=self.group)
+        return bytes(buf.numpy())

@@ -1,0 +1,222 @@
+"""The Triton kernels against their plain-torch references, on the CPU under Triton's interpreter.
+
+Triton decides at import time whether kernels are compiled or interpreted, so these checks need a
+process where ``TRITON_INTERPRET=1`` was set before Triton was first imported. Run directly as
+``TRITON_INTERPRET=1 pytest tests/test_kernels_interpret.py`` the tests below run in-process;
+in any other pytest run they are skipped and ``test_interpreter_suite`` runs this file in a child
+process with the variable set, failing if any check there fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
+
+from kiln.kernels.activation import silu_and_mul_ref  # noqa: E402
+from kiln.kernels.attention import paged_attention_ref, write_kv_ref  # noqa: E402
+from kiln.kernels.norm import add_rms_norm_ref, rms_norm_ref  # noqa: E402
+from kiln.kernels.rotary import apply_rotary_ref, cos_sin_cache  # noqa: E402
+
+from kernel_cases import fused_qkv_views, make_paged_case  # noqa: E402
+
+
+
+def _patch_interpreter():
+    """Two gaps of Triton 3.6's interpreter, closed for this process only:
+    it turns loop bounds into ints with ``int(array)``, which NumPy 2 refuses for the one-element
+    arrays that hold its scalars (take the element instead); and its ``tl.dot`` multiplies the raw
+    bits of bfloat16 operands (widen them to float32 first, as the tensor cores do)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_kiln_patched", False):
+        return
+    original_patch = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    def widen(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        data = interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    builder_cls = type(interpreter.interpreter_builder)
+    original_dot = builder_cls.create_dot
+
+    def create_dot(self, a, b, d, *args):
+        return original_dot(self, widen(a), widen(b), d, *args)
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    builder_cls.create_dot = create_dot
+    interpreter._kiln_patched = True
+
+
+if INTERPRET:
+    _patch_interpreter()
+    from kiln.kernels import triton_ops as ops
+
+
+@pytest.mark.skipif(INTERPRET, reason="already in the interpreter process")
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+
+
+BF = torch.bfloat16
+
+
+def _close(a, b, tol):
+    # the interpreter truncates float32 -> bfloat16 casts (the GPU rounds to nearest), so bfloat16
+    # results may sit a unit in the last place or two below the reference
+    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def _randn(*shape, dtype=BF, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+@in_child
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
+@pytest.mark.parametrize("shape", [(5, 48), (3, 128)])
+def test_rms_norm(shape, dtype):
+    x = _randn(*shape, dtype=dtype, seed=1) * 3
+    w = _randn(shape[-1], dtype=dtype, seed=2)
+    tol = 2e-2 if dtype == BF else 1e-5
+    _close(ops.rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), tol)
+
+
+@in_child
+def test_rms_norm_strided_heads():
+    q, k, _ = fused_qkv_views(6, 4, 2, 32, BF, "cpu", seed=3)
+    w = _randn(32, seed=4)
+    assert not q.is_contiguous()
+    _close(ops.rms_norm(q, w, 1e-5), rms_norm_ref(q, w, 1e-5), 2e-2)
+    _close(ops.rms_norm(k, w, 1e-5), rms_norm_ref(k, w, 1e-5), 2e-2)
+
+
+@in_child
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
+def test_add_rms_norm(dtype):
+    x = _randn(7, 96, dtype=dtype, seed=5)
+    r = _randn(7, 96, dtype=dtype, seed=6)
+    w = _randn(96, dtype=dtype, seed=7)
+    y, s = ops.add_rms_norm(x, r, w, 1e-6)
+    y_ref, s_ref = add_rms_norm_ref(x, r, w, 1e-6)
+    tol = 2e-2 if dtype == BF else 1e-5
+    _close(s, s_ref, 1e-2 if dtype == BF else 1e-6)
+    _close(y, y_ref, tol)
+
+
+@in_child
+@pytest.mark.parametrize("shape", [(5, 80), (2, 3, 64)])
+def test_silu_and_mul(shape):
+    x = _randn(*shape, seed=8) * 2
+    _close(ops.silu_and_mul(x), silu_and_mul_ref(x), 2e-2)
+
+
+@in_child
+@pytest.mark.parametrize("hq,hk,d", [(4, 2, 32), (3, 1, 64)])
+def test_apply_rotary_strided(hq, hk, d):
+    t = 9
+    q, k, _ = fused_qkv_views(t, hq, hk, d, BF, "cpu", seed=9)
+    cache = cos_sin_cache(d, 256, 10000.0)
+    pos = torch.randint(0, 256, (t,), generator=torch.Generator().manual_seed(10))
+    qo, ko = ops.apply_rotary(q, k, pos, cache)
+    q_ref, k_ref = apply_rotary_ref(q, k, pos, cache)
+    _close(qo, q_ref, 2e-2)
+    _close(ko, k_ref, 2e-2)
+
+
+@in_child
+def test_write_kv_skips_padding():
+    hk, d, bs, nb = 2, 32, 16, 6
+    _, k, v = fused_qkv_views(7, 2, hk, d, BF, "cpu", seed=11)
+    slots = torch.tensor([5, 17, -1, 40, 63, -1, 80], dtype=torch.int64)
+    kc, vc = _randn(nb, bs, hk, d, seed=12), _randn(nb, bs, hk, d, seed=13)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    ops.write_kv(k, v, kc, vc, slots)
+    write_kv_ref(k, v, kc_ref, vc_ref, slots)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+def _attn(case, **kw):
+    out = ops.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **kw)
+    ref = paged_attention_ref(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
+    return out, ref
+
+
+@in_child
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("hq,hk,d,bs", [(4, 2, 32, 16), (4, 1, 32, 32), (2, 2, 64, 16)])
+def test_decode(hq, hk, d, bs, splits):
+    seq_lens = [1, 37, 700, 129]
+    case = make_paged_case(seq_lens, [1] * 4, hq, hk, d, bs, BF, "cpu", seed=14)
+    out, ref = _attn(case, num_splits=splits)
+    _close(out, ref, 2e-2)
+
+
+@in_child
+def test_decode_sliding_window_and_loose_bound():
+    case = make_paged_case([5, 90, 333], [1, 1, 1], 4, 2, 32, 16, BF, "cpu", sliding_window=40,
+                           seed=15, max_seq_len=2048, table_width=130)
+    out, ref = _attn(case)
+    _close(out, ref, 2e-2)
+    out, ref = _attn(case, num_splits=4)
+    _close(out, ref, 2e-2)
+
+
+@in_child
+def test_decode_float32():
+    case = make_paged_case([3, 150], [1, 1], 4, 2, 32, 16, torch.float32, "cpu", seed=16)
+    out, ref = _attn(case, num_splits=2)
+    _close(out, ref, 1e-4)
+
+
+@in_child
+@pytest.mark.parametrize("window", [None, 19])
+@pytest.mark.parametrize("hq,hk,d,bs", [(4, 2, 32, 16), (3, 1, 32, 32), (2, 2, 64, 16)])
+def test_mixed_batch(hq, hk, d, bs, window):
+    seq_lens = [40, 77, 70, 1, 45]
+    query_lens = [40, 1, 23, 1, 5]
+    case = make_paged_case(seq_lens, query_lens, hq, hk, d, bs, BF, "cpu", sliding_window=window, seed=17)
+    out, ref = _attn(case)
+    _close(out, ref, 2e-2)
+
+
+@in_child
+def test_prefill_small_tiles():
+    seq_lens, query_lens = [50, 33], [30, 33]
+    case = make_paged_case(seq_lens, query_lens, 8, 2, 32, 16, BF, "cpu", seed=18)
+    out = torch.empty_like(case.q)
+    ops.launch_prefill(case.q, case.k_cache, case.v_cache, out, case.meta, case.scale, skip_decodes=False,
+                       block_m=16)
+    ref = paged_attention_ref(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
+    _close(out, ref, 2e-2)
+
+
+@in_child
+def test_mixed_float32():
+    case = make_paged_case([20, 9], [6, 1], 2, 1, 32, 16, torch.float32, "cpu", seed=19)
+    out, ref = _attn(case)
+    _close(out, ref, 1e-4)
