@@ -79,7 +79,62 @@ def decode_ms_per_token(engine, prompt_len: int = 128, steps: int = 256) -> floa
     while engine.has_unfinished():
         engine.step()
         n += 1
-    return (time.perf_counter() - t) / n * 1000
+    ms = (time.perf_counter() - t) / n * 1000
+    # The same again with CUDA events around each step's GPU work: GPU time vs wall time.
+    runner = engine.executor.runner
+    engine.add_request("b1-timed", ids, SamplingParams(max_tokens=65, temperature=0.0, ignore_eos=True))
+    engine.step()
+    runner.time_gpu = True
+    gpu = []
+    while engine.has_unfinished():
+        engine.step()
+        gpu.append(runner.last_gpu_s)
+    runner.time_gpu = False
+    decode_ms_per_token.step_gpu_ms = sorted(gpu)[len(gpu) // 2] * 1000
+    return ms
+
+
+def decode_breakdown(engine) -> dict:
+    """Where a batch-1 decode step's time goes: back-to-back graph replays (GPU only, no CPU
+    between steps), and each weight's GEMV alone at M=1 (rotating inputs; summed over layers)."""
+    import torch.nn.functional as F
+
+    runner = engine.executor.runner
+    out = {}
+    if runner.graphs is not None:
+        g = runner.graphs.graphs[1]
+        for _ in range(5):
+            g.replay()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(50):
+            g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        out["graph_replay_ms"] = round(s.elapsed_time(e) / 50, 3)
+    total_ms = 0.0
+    shapes = {}
+    for n, p in runner.model.named_parameters():
+        if p.dim() == 2 and "embed_tokens" not in n:
+            key = tuple(p.shape)
+            shapes.setdefault(key, [p, 0])[1] += 1
+    rows = []
+    for (o, i), (w, count) in shapes.items():
+        x = torch.randn(1, i, dtype=w.dtype, device="cuda")
+        for _ in range(3):
+            F.linear(x, w)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(20):
+            F.linear(x, w)
+        e.record()
+        torch.cuda.synchronize()
+        ms = s.elapsed_time(e) / 20
+        total_ms += ms * count
+        rows.append({"shape": [o, i], "count": count, "ms": round(ms, 4), "gb_s": round(w.numel() * w.element_size() / ms / 1e6, 1)})
+    out["gemv_sum_ms"] = round(total_ms, 3)
+    out["gemv"] = rows
+    return out
 
 
 def workload(n: int, seed: int = 0):
@@ -214,17 +269,23 @@ def main() -> None:
     from kiln.runtime.engine import LLMEngine
 
     bw = copy_bandwidth()
+    reqs = workload(a.requests)
+    base = hf_baseline(a.model, reqs) if not a.skip_baseline and "c" in a.parts else {}
+    if base:
+        write_record("gpu-hf-baseline", a.model, {"dtype": "bfloat16", "cache": "static", "sample_requests": 128,
+                     "workload": "requests 0-127 of (b)", "batch": base["baseline_batch"]}, base)
+    if not set(a.parts) & set("abd"):
+        return
     eng_dir = build(a.model, os.path.join(a.engines, f"{a.model}-bf16"), 256, 4096)
     engine = LLMEngine(eng_dir)
     total, read = weight_bytes(engine)
     floor_ms = read / bw * 1000
-    reqs = workload(a.requests)
-    base = hf_baseline(a.model, reqs) if not a.skip_baseline and "c" in a.parts else {}
     settings = {"dtype": "bfloat16", "max_batch_size": 256, "cuda_graphs": engine.executor.runner.graphs is not None}
     if "a" in a.parts:
         ms = decode_ms_per_token(engine)
         m = {"decode_ms_per_token": round(ms, 3), "bandwidth_floor_ms": round(floor_ms, 3), "ratio_to_floor": round(ms / floor_ms, 3),
-             "copy_bandwidth_gb_s": round(bw / 1e9, 1), "weight_bytes": total, "weight_bytes_read_per_step": read}
+             "copy_bandwidth_gb_s": round(bw / 1e9, 1), "weight_bytes": total, "weight_bytes_read_per_step": read,
+             "step_gpu_ms": round(decode_ms_per_token.step_gpu_ms, 3), **decode_breakdown(engine)}
         if base:
             m["baseline_decode_ms_per_token"] = base["baseline_decode_ms_per_token"]
             m["speedup_vs_baseline"] = round(base["baseline_decode_ms_per_token"] / ms, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import runpy
 import sys
@@ -9,13 +10,16 @@ import sys
 BENCHMARKS = {
     "cpu-generate": "bench_cpu_generate.py",
     "inflight": "bench_inflight.py",
+    "serving": "bench_serving.py",
+    "gpu": "bench_gpu.py",
+    "coordinator": "bench_coordinator.py",
 }
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark (see benchmarks/); extra arguments go to it")
     p.add_argument("name", choices=sorted(BENCHMARKS))
-    p.add_argument("args", nargs="*")
+    p.add_argument("args", nargs=argparse.REMAINDER)
 
 
 def run(a) -> int:

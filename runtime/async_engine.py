@@ -36,6 +36,7 @@ class QueueFullError(RuntimeError):
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int | None = None):
         self.engine = engine
+        engine.stream_outputs = True  # callers stream: every step's state, text detokenized as it comes
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()

@@ -43,6 +43,7 @@ class LLMEngine:
         max_batch_size: int | None = None,
         seed: int | None = None,
         executor=None,
+        scheduler_policy: str = "guaranteed_no_evict",
     ):
         self.loaded = loaded or load_engine(
             engine_dir, launcher=launcher, device=device, num_kv_blocks=num_kv_blocks, max_num_tokens=max_num_tokens,
@@ -56,7 +57,7 @@ class LLMEngine:
         self.executor = executor or ld.executor
         self.eos_token_ids = set(ld.eos_token_ids)
         self.block_manager = BlockManager(ld.num_kv_blocks, ld.config.build.tokens_per_block, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, ld.max_num_tokens, ld.max_batch_size)
+        self.scheduler = Scheduler(self.block_manager, ld.max_num_tokens, ld.max_batch_size, scheduler_policy, self.max_seq_len)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._changed: dict[str, Request] = {}
@@ -64,6 +65,10 @@ class LLMEngine:
         self.forward_s = 0.0
         self._seqs_by_id: dict[int, Sequence] = {}
         self._grammars = None
+        # Streaming callers get every request's state after each step that changed it; offline
+        # callers (LLM.generate) set this False and get finished requests only, and the text is
+        # decoded once at the end instead of token by token.
+        self.stream_outputs = True
 
     # --- requests ------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -201,7 +206,8 @@ class LLMEngine:
             if req.first_token_time is None:
                 req.first_token_time = now
             self._append_token(seq, st)
-            self._changed[req.request_id] = req
+            if self.stream_outputs:
+                self._changed[req.request_id] = req
             if seq.finished and req.finished:
                 self._finish_request(req)
 
@@ -218,7 +224,8 @@ class LLMEngine:
                     entry[t] = Logprob(lp, None, self.tokenizer.decode([t]))
             seq.logprobs.append(entry)
         new_start = len(seq.text)
-        seq.text += seq.detok.add(tok)
+        if self.stream_outputs or p.stop:
+            seq.text += seq.detok.add(tok)
         n_out = seq.num_output
         reason, stop = None, None
         if seq.grammar is not None:
@@ -243,7 +250,11 @@ class LLMEngine:
             reason = "length"
         if reason is not None:
             if not isinstance(stop, str):
-                seq.text += seq.detok.flush()
+                if self.stream_outputs or p.stop:
+                    seq.text += seq.detok.flush()
+                else:  # nothing was streamed: decode the whole output once
+                    seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=p.skip_special_tokens,
+                                                     clean_up_tokenization_spaces=False)
             seq.finish_reason, seq.stop_reason = reason, stop
             self.scheduler.finish(seq)
 

@@ -32,6 +32,7 @@ class LLM:
         max_batch_size: int | None = None,
         seed: int | None = None,
         topology=None,
+        scheduler_policy: str = "guaranteed_no_evict",
     ):
         if launcher == "ray":
             from kiln.launch.ray_launcher import make_ray_engine
@@ -46,6 +47,7 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching, max_num_tokens=max_num_tokens, max_batch_size=max_batch_size,
                 seed=seed,
             )
+        self.engine.stream_outputs = False
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

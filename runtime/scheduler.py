@@ -22,7 +22,14 @@ from kiln.runtime.sequence import Request, Sequence, SeqStatus
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_tokens: int, max_batch_size: int):
+    POLICIES = ("guaranteed_no_evict", "max_utilization")
+
+    def __init__(self, block_manager: BlockManager, max_num_tokens: int, max_batch_size: int,
+                 policy: str = "guaranteed_no_evict", max_seq_len: int = 1 << 30):
+        if policy not in self.POLICIES:
+            raise ValueError(f"scheduler policy must be one of {self.POLICIES}, got {policy!r}")
+        self.policy = policy
+        self.max_seq_len = max_seq_len
         self.bm = block_manager
         self.max_num_tokens = max_num_tokens
         self.max_batch_size = max_batch_size
@@ -103,6 +110,7 @@ class Scheduler:
                 budget -= n
             i += 1
 
+        reserved = self._reserved() if self.policy == "guaranteed_no_evict" else 0
         while self.waiting and budget > 0 and len(scheduled) < self.max_batch_size:
             seq = self.waiting[0]
             need = -(-len(seq.token_ids) // self.bm.block_size)
@@ -115,6 +123,11 @@ class Scheduler:
                 continue
             if not self.bm.can_allocate(seq.token_ids):
                 break
+            if self.policy == "guaranteed_no_evict":
+                growth = self._growth(seq) * (seq.request.params.n if seq.index == 0 and not seq.request.forked else 1)
+                if self.running and self.bm.num_free_blocks - need - growth < reserved:
+                    break  # admitting it could force a preemption later
+                reserved += growth
             self.waiting.pop(0)
             cached = self.bm.allocate(seq.seq_id, seq.token_ids)
             seq.num_computed = cached
@@ -131,6 +144,20 @@ class Scheduler:
         plan.finished = self._finished_ids
         self._finished_ids = []
         return plan
+
+    def _growth(self, seq: Sequence) -> int:
+        """Blocks the sequence may still need beyond those holding its tokens now."""
+        p = seq.request.params
+        left = self.max_seq_len - len(seq.token_ids)
+        if p.max_tokens is not None:
+            left = min(left, p.max_tokens - seq.num_output)
+        bs = self.bm.block_size
+        have = -(-len(seq.token_ids) // bs)
+        return max(0, -(-(len(seq.token_ids) + max(left, 0)) // bs) - have)
+
+    def _reserved(self) -> int:
+        """Blocks the running sequences may still claim (TensorRT-LLM's guaranteed-no-evict rule)."""
+        return sum(self._growth(s) for s in self.running)
 
     def _make_room(self, seq: Sequence, num_new: int) -> bool:
         """Preempts from the back of ``running`` until ``seq`` can grow; False if ``seq`` itself went."""

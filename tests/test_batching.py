@@ -105,7 +105,8 @@ def run_over_time(engine: LLMEngine, workload, per_step: int = 2, abort: dict | 
     [
         ("in-flight", dict(num_kv_blocks=2048, max_num_tokens=512)),
         ("prefix-off", dict(num_kv_blocks=2048, max_num_tokens=512, enable_prefix_caching=False)),
-        ("preemption", dict(num_kv_blocks=48, max_num_tokens=256)),
+        ("preemption", dict(num_kv_blocks=48, max_num_tokens=256, scheduler_policy="max_utilization")),
+        ("no-evict", dict(num_kv_blocks=48, max_num_tokens=256)),
     ],
 )
 def test_64_requests_equal_solo(name, kwargs, engine_dir, solo):
@@ -119,6 +120,8 @@ def test_64_requests_equal_solo(name, kwargs, engine_dir, solo):
     engine.block_manager.check_invariants()
     if name == "preemption":
         assert stats["preemptions"] > 0
+    if name == "no-evict":
+        assert stats["preemptions"] == 0
     if name == "in-flight":
         assert stats["prefix_cache_hit_rate"] > 0
     if name == "prefix-off":
@@ -129,7 +132,7 @@ def test_abort_storm(engine_dir, solo):
     rng = random.Random(5)
     workload = make_workload(seed=3, count=200, max_prompt=40, max_out=8, shared_prefix=16)
     abort = {rid: rng.randint(0, 60) for rid, _, _ in rng.sample(workload, len(workload) // 3)}
-    engine = LLMEngine(engine_dir, num_kv_blocks=160, max_num_tokens=256, max_batch_size=48)
+    engine = LLMEngine(engine_dir, num_kv_blocks=160, max_num_tokens=256, max_batch_size=48, scheduler_policy="max_utilization")
     outputs = run_over_time(engine, workload, per_step=4, abort=abort)
     aborted_early = {rid for rid in abort if rid not in outputs or len(outputs[rid]) < dict((r, m) for r, _, m in workload)[rid]}
     assert_matches_solo(outputs, workload, solo, skip=set(abort))
