@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -45,8 +44,8 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-async def one(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> dict:
-    body = {"model": "kiln", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
@@ -68,13 +67,13 @@ async def one(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens
     return {"ttft": first - t0, "tpot": (end - first) / max(1, n - 1), "tokens": n, "latency": end - t0}
 
 
-async def run_rate(url: str, reqs, rate: float, seed: int) -> dict:
+async def run_rate(url: str, model: str, reqs, rate: float, seed: int) -> dict:
     rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1024)) as client:
         tasks = []
         t0 = time.perf_counter()
         for prompt, out in reqs:
-            tasks.append(asyncio.create_task(one(client, url, prompt, out)))
+            tasks.append(asyncio.create_task(one(client, url, model, prompt, out)))
             await asyncio.sleep(rng.expovariate(rate))
         res = await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
@@ -91,12 +90,6 @@ async def run_rate(url: str, reqs, rate: float, seed: int) -> dict:
         "tpot_ms_p99": round(pct([r["tpot"] for r in ok], 99) * 1000, 2),
         "latency_s_p50": round(pct([r["latency"] for r in ok], 50), 2),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plot(path: str, rows: list[dict], title: str) -> None:
@@ -137,6 +130,8 @@ def main() -> None:
     ap.add_argument("--output-median", type=int, default=48)
     ap.add_argument("--model", default=None, help="model name for the record (default: the engine's)")
     a = ap.parse_args()
+    from kiln.runtime.worker import free_port
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "kiln.launch.cli", "serve", a.engine, "--port", str(port)],
@@ -152,10 +147,13 @@ def main() -> None:
             time.sleep(1)
         else:
             raise RuntimeError("the server did not become healthy")
+        served = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         rows = []
         for i, rate in enumerate(float(r) for r in a.rates.split(",")):
             reqs = workload(a.requests, seed=i, prompt_median=a.prompt_median, output_median=a.output_median)
-            row = asyncio.run(run_rate(url, reqs, rate, seed=100 + i))
+            row = asyncio.run(run_rate(url, served, reqs, rate, seed=100 + i))
+            if row["errors"]:
+                raise RuntimeError(f"{row['errors']} requests failed at {rate} req/s")
             print(row, flush=True)
             rows.append(row)
     finally:
