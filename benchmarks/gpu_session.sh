@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: unpack the carried site packages, expose the card's folders as the `kiln`
 # namespace, then run what is asked: tests (kernels, model), and benchmark parts.
-#   bash benchmarks/gpu_session.sh "tests" "bench:abcd" "kernels"
+#   git rev-parse HEAD > .kiln-commit   # here, before the call; carry it so records name the commit
+#   bash benchmarks/gpu_session.sh kernel-tests model-tests "bench:abcd" kernels
 set -uo pipefail
 mkdir -p /tmp/site
 for a in .gpu-site/site.tar.xz .gpu-mini/site.tar.xz; do [ -f "$a" ] && tar xJf "$a" -C /tmp/site; done
@@ -15,6 +16,7 @@ fi
 # The card's folders become kiln's subpackages (what pyproject's package-dir does on install).
 for d in runtime parallel kernels launch; do ln -sfn "$PWD/$d" "kiln/$d"; done
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+[ -f .kiln-commit ] && export KILN_COMMIT=$(cat .kiln-commit)
 export PYTHONUNBUFFERED=1 KILN_RESULTS_DIR=${OUT:-/tmp/out} TQDM_DISABLE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

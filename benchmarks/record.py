@@ -17,7 +17,7 @@ def git_commit() -> str:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git (the device machine)
         return os.environ.get("KILN_COMMIT", "unknown")
 
 
