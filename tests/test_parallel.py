@@ -114,3 +114,25 @@ def test_vocab_parallel_greedy_with_padded_vocab(tmp_path):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert toks == ref[0, len(p):].tolist()
+
+
+def test_llama_3_70b_tp8_partition_sizes():
+    """Every rank of a llama-3-70b tp=8 build holds an equal eighth of each split tensor and a
+    full copy of the replicated norms; nothing is lost or held twice (layouts only, no data)."""
+    from kiln.parallel.mapping import Mapping
+    from kiln.runtime.builder import rank_layout
+    from kiln.runtime.presets import resolve_preset
+
+    cfg = resolve_preset("llama-3-70b")
+    full = rank_layout(cfg, Mapping(), torch.bfloat16)
+    ranks = [rank_layout(cfg, Mapping(tp=8, rank=r), torch.bfloat16) for r in range(8)]
+    numel = lambda shape: int(torch.tensor(shape).prod()) if shape else 1  # noqa: E731
+    sizes = [sum(numel(s) * 2 for s, _ in lay.values()) for lay in ranks]
+    assert len(set(sizes)) == 1
+    for name, (shape, _) in full.items():
+        parts = [numel(lay[name][0]) for lay in ranks]
+        replicated = name.endswith("norm.weight")
+        assert sum(parts) == numel(shape) * (8 if replicated else 1), name
+    total = sum(numel(s) * 2 for s, _ in full.values())
+    assert abs(sizes[0] - total / 8) / (total / 8) < 0.001
+    print(f"llama-3-70b tp=8: {sizes[0] / 2**30:.2f} GiB per rank, {total / 2**30:.1f} GiB in all")
