@@ -95,13 +95,13 @@ def cmd_generate(a) -> int:
         )
     except ValidationError as e:
         raise CLIError(_pydantic_line(e)) from None
-    llm = LLM(a.engine, device=a.device)
-    t0 = time.perf_counter()
-    if a.chat:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in a.prompt], sp)
-    else:
-        outs = llm.generate(a.prompt, sp)
-    dt = time.perf_counter() - t0
+    with LLM(a.engine, device=a.device) as llm:  # stops worker processes of a multi-rank engine on exit
+        t0 = time.perf_counter()
+        if a.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in a.prompt], sp)
+        else:
+            outs = llm.generate(a.prompt, sp)
+        dt = time.perf_counter() - t0
     for o in outs:
         print(o.outputs[0].text)
     if a.stats:

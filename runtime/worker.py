@@ -143,6 +143,9 @@ class DistributedExecutor:
         self.runner = worker.runner
         self.procs = procs or []
         self.closed = False
+        import atexit
+
+        atexit.register(self.shutdown)  # workers are told to stop even if the caller never does
 
     def execute(self, plan: StepPlan, allowed_masks=None) -> StepResult:
         w = self.worker
