@@ -86,9 +86,6 @@ class ModelRunner:
             self.kv.copy_blocks(plan.copies)
         return work
 
-    def set_seed(self, seq_id: int, seed: int) -> None:
-        self.seqs[seq_id].generator = Sampler.make_generator(seed, self.device)
-
     # --- inputs -------------------------------------------------------------------------------
     def _gather(self, work: list[tuple[int, int, bool]]):
         """Python lists of this step's inputs; also records each sampling sequence's last row."""
