@@ -250,6 +250,21 @@ class BlockManager:
             s.hashes.append(hash_block_tokens(parent, s.tokens[i * bs:(i + 1) * bs]))
         return copies
 
+    def set_token(self, seq_id, position: int, token_id: int) -> None:
+        """Replaces a placeholder token (overlapped scheduling) and rehashes the blocks from it on.
+        The block must not be in the prefix cache yet."""
+        s = self._seq(seq_id)
+        bs = self.block_size
+        i = position // bs
+        if i < s.sealed:
+            raise BlockManagerError(f"sequence {seq_id!r}: position {position} is in a cached block")
+        s.tokens[position] = token_id
+        if i < len(s.hashes):
+            del s.hashes[i:]
+            for j in range(i, len(s.tokens) // bs):
+                parent = s.hashes[j - 1] if j > 0 else None
+                s.hashes.append(hash_block_tokens(parent, s.tokens[j * bs:(j + 1) * bs]))
+
     def mark_computed(self, seq_id, num_tokens: int) -> None:
         """The first ``num_tokens`` tokens of the sequence have their KV in the cache: full blocks
         among them join the prefix cache. Until then no other sequence can hit them, so a

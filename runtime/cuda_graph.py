@@ -38,9 +38,11 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        # Pinned staging: one packed row of ints per sequence, copied in one transfer.
-        self._stage = torch.zeros(n, 4 + self.max_blocks, dtype=torch.int64, pin_memory=True)
-        self._stage_np = self._stage.numpy()
+        # Pinned staging: one packed row of ints per sequence, copied in one transfer. Two buffers
+        # used in turn: with overlapped scheduling the host fills one while the previous step's
+        # copy from the other may still be queued.
+        self._stages = [torch.zeros(n, 4 + self.max_blocks, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -85,11 +87,15 @@ class DecodeGraphs:
     def fits(self, num_seqs: int) -> bool:
         return 0 < num_seqs <= self.buckets[-1]
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """One decode step of ``len(ids)`` sequences; returns their final hidden states."""
+    def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int], tables: list[list[int]],
+            fix=None) -> torch.Tensor:
+        """One decode step of ``len(ids)`` sequences; returns their final hidden states. ``fix``,
+        if given, is called with the staged input ids before the replay (device-resident tokens)."""
         n = len(ids)
         b = next(x for x in self.buckets if x >= n)
-        st = self._stage_np
+        stage = self._stages[self._turn]
+        self._turn ^= 1
+        st = stage.numpy()
         st[:b, 0] = 0
         st[:b, 1] = 0
         st[:b, 2] = -1
@@ -103,12 +109,14 @@ class DecodeGraphs:
             st[i, 4 : 4 + len(t)] = t
             width = max(width, len(t))
         st[n:b, 4] = 0
-        dev = self._stage[:b].to(self.device, non_blocking=True)
+        dev = stage[:b].to(self.device, non_blocking=True)
         self.input_ids[:b].copy_(dev[:, 0])
         self.positions[:b].copy_(dev[:, 1])
         self.slot_mapping[:b].copy_(dev[:, 2])
         self.seq_lens[:b].copy_(dev[:, 3])
         self.block_tables[:b, : max(width, 1)].copy_(dev[:, 4 : 4 + max(width, 1)])
+        if fix is not None:
+            fix(self.input_ids[:n])
         self.graphs[b].replay()
         return self.outputs[b][:n]
 

@@ -44,6 +44,7 @@ class LLMEngine:
         seed: int | None = None,
         executor=None,
         scheduler_policy: str = "guaranteed_no_evict",
+        async_scheduling: bool | None = None,
     ):
         self.loaded = loaded or load_engine(
             engine_dir, launcher=launcher, device=device, num_kv_blocks=num_kv_blocks, max_num_tokens=max_num_tokens,
@@ -65,6 +66,17 @@ class LLMEngine:
         self.forward_s = 0.0
         self._seqs_by_id: dict[int, Sequence] = {}
         self._grammars = None
+        # Overlapped scheduling: step N+1 is planned and launched before step N's tokens are read
+        # back, so the host's work (scheduling, input preparation, detokenization) runs while the
+        # device computes. Needs an executor that can launch without waiting; on by default on a GPU.
+        can_launch = hasattr(self.executor, "launch")
+        if async_scheduling is None:
+            async_scheduling = can_launch and getattr(getattr(self.executor, "runner", None), "device", None) is not None \
+                and self.executor.runner.device.type == "cuda"
+        if async_scheduling and not can_launch:
+            raise ValueError("async_scheduling needs an executor that can launch a step without waiting for it")
+        self.async_scheduling = bool(async_scheduling)
+        self._inflight = None  # the launched step whose tokens are not processed yet
         # Streaming callers get every request's state after each step that changed it; offline
         # callers (LLM.generate) set this False and get finished requests only, and the text is
         # decoded once at the end instead of token by token.
@@ -135,13 +147,14 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.finished:
                 seq.finish_reason = "abort"
+                self._drop_pending(seq)
                 self.scheduler.finish(seq)
         req.forked = True
         self._finish_request(req)
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._inflight is not None
 
     def has_pending_outputs(self) -> bool:
         """Outputs (an abort's, say) that the next ``step`` returns even with nothing to run."""
@@ -149,6 +162,8 @@ class LLMEngine:
 
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._inflight is not None and not self._can_overlap():
+            self._drain()
         plan = self.scheduler.schedule()
         for seq, msg in self.scheduler.failed:
             req = seq.request
@@ -156,6 +171,7 @@ class LLMEngine:
             for s in req.seqs:
                 if not s.finished:
                     s.finish_reason = "error"
+                    self._drop_pending(s)
                     self.scheduler.finish(s)
             req.forked = True
             self._finish_request(req)
@@ -163,13 +179,60 @@ class LLMEngine:
         self._fork_children(plan)
         if plan.num_seqs or plan.finished:
             masks = self._grammar_masks(plan)
-            result = self.executor.execute(plan, masks) if masks else self.executor.execute(plan)
-            self.forward_s += result.forward_s
-            self._process(result)
+            if self.async_scheduling:
+                pending = self.executor.launch(plan, masks) if masks else self.executor.launch(plan)
+                overlap = self._can_overlap()
+                if overlap:
+                    self._add_placeholders(plan)
+                self._drain()
+                self._inflight = pending
+                if not overlap:
+                    self._drain()
+            else:
+                result = self.executor.execute(plan, masks) if masks else self.executor.execute(plan)
+                self.forward_s += result.forward_s
+                self._process(result)
+        elif self._inflight is not None:
+            self._drain()
         self.num_steps += 1
         out = [self._output(r) for r in self._changed.values()]
         self._changed.clear()
         return out
+
+    # --- overlapped scheduling ------------------------------------------------------------------
+    def _can_overlap(self) -> bool:
+        """Whether the next step may be planned before the last one's tokens are seen: not while a
+        sequence needs its full history on the host to sample (grammar, penalties) or forks (n > 1)."""
+        if not self.async_scheduling:
+            return False
+        for q in (self.scheduler.running, self.scheduler.waiting):
+            for seq in q:
+                p = seq.request.params
+                if seq.grammar is not None or p.needs_penalties or p.n > 1:
+                    return False
+        return True
+
+    def _add_placeholders(self, plan) -> None:
+        """Each sequence that samples in the launched step gets a placeholder for its token."""
+        for e in (*plan.new, *plan.cached):
+            if e.sample:
+                seq = self._seqs_by_id.get(e.seq_id)
+                if seq is not None and not seq.finished:
+                    seq.token_ids.append(-1)
+                    seq.num_pending += 1
+
+    def _drain(self) -> None:
+        """Waits for the launched step and processes its tokens."""
+        pending, self._inflight = self._inflight, None
+        if pending is not None:
+            result = pending.result()
+            self.forward_s += result.forward_s
+            self._process(result)
+
+    def _drop_pending(self, seq: Sequence) -> None:
+        if seq.num_pending:
+            del seq.token_ids[len(seq.token_ids) - seq.num_pending :]
+            seq.num_pending = 0
 
     def _grammar_masks(self, plan) -> dict:
         """Allowed-token masks of the sequences that sample this step under a grammar."""
@@ -214,7 +277,15 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, st) -> None:
         p = seq.request.params
         tok = st.token_id
-        seq.token_ids.append(tok)
+        if seq.num_pending:  # overlapped scheduling: the token's slot was taken at launch
+            at = len(seq.token_ids) - seq.num_pending
+            seq.token_ids[at] = tok
+            seq.num_pending -= 1
+            bm = self.block_manager
+            if bm.has_seq(seq.seq_id) and at < bm.num_tokens(seq.seq_id):
+                bm.set_token(seq.seq_id, at, tok)
+        else:
+            seq.token_ids.append(tok)
         if st.logprob is not None:
             seq.cumulative_logprob += st.logprob
         if seq.logprobs is not None:
@@ -226,7 +297,7 @@ class LLMEngine:
         new_start = len(seq.text)
         if self.stream_outputs or p.stop:
             seq.text += seq.detok.add(tok)
-        n_out = seq.num_output
+        n_out = seq.num_output - seq.num_pending
         reason, stop = None, None
         if seq.grammar is not None:
             if not seq.grammar.accept(tok):
@@ -246,9 +317,10 @@ class LLMEngine:
                 reason, stop = "stop", s
         if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
             reason = "length"
-        if reason is None and len(seq.token_ids) >= self.max_seq_len:
+        if reason is None and len(seq.token_ids) - seq.num_pending >= self.max_seq_len:
             reason = "length"
         if reason is not None:
+            self._drop_pending(seq)
             if not isinstance(stop, str):
                 if self.stream_outputs or p.stop:
                     seq.text += seq.detok.flush()

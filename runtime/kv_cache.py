@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from kiln.runtime.transfer import h2d
 
 
 class KVCache:
@@ -21,8 +22,8 @@ class KVCache:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: block ``dst`` becomes a copy of block ``src`` in every layer."""
-        src = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=self.device)
+        src = h2d([p[0] for p in pairs], torch.long, self.device)
+        dst = h2d([p[1] for p in pairs], torch.long, self.device)
         for k, v in self.layers:
             k.index_copy_(0, dst, k.index_select(0, src))
             v.index_copy_(0, dst, v.index_select(0, src))
@@ -32,15 +33,28 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def gpu_memory_utilization() -> float:
+    """The share of GPU memory kiln may fill (weights, KV cache, graphs): KILN_GPU_MEMORY_UTILIZATION, default 0.9."""
+    raw = os.environ.get("KILN_GPU_MEMORY_UTILIZATION", "0.9")
+    try:
+        v = float(raw)
+    except ValueError:
+        v = -1.0
+    if not 0.0 < v <= 1.0:
+        raise ValueError(f"KILN_GPU_MEMORY_UTILIZATION must be a number in (0, 1], got {raw!r}")
+    return v
+
+
 def memory_block_capacity(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype, device,
-                          gpu_memory_utilization: float = 0.9) -> int:
-    """Blocks that fit in memory: on a GPU a share of the free memory after weights; on a CPU a
-    quarter of the available RAM."""
+                          utilization: float | None = None) -> int:
+    """Blocks that fit in memory: on a GPU a share of the free memory after weights (see
+    ``gpu_memory_utilization()``); on a CPU a quarter of the available RAM."""
     per_block = KVCache.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
     dev = torch.device(device)
     if dev.type == "cuda":
+        util = utilization if utilization is not None else gpu_memory_utilization()
         free, total = torch.cuda.mem_get_info(dev)
-        budget = free - (1 - gpu_memory_utilization) * total
+        budget = free - (1 - util) * total
     else:
         try:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

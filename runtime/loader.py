@@ -190,5 +190,8 @@ class LocalExecutor:
     def execute(self, plan, allowed_masks=None):
         return self.runner.execute(plan, allowed_masks)
 
+    def launch(self, plan, allowed_masks=None):
+        return self.runner.launch(plan, allowed_masks)
+
     def shutdown(self) -> None:
         pass

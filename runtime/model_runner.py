@@ -20,6 +20,7 @@ from kiln.runtime.model import DecoderModel
 from kiln.runtime.plan import SampledToken, StepPlan, StepResult, params_from_wire
 from kiln.runtime.sampler import Sampler, SampleRow
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.transfer import h2d
 
 
 @dataclass
@@ -55,6 +56,10 @@ class ModelRunner:
         self.last_step_decode_only = False
         self.last_step_seqs = 0
         self.seqs: dict[int, SeqState] = {}
+        self._prev_tokens: torch.Tensor | None = None  # the last launched step's sampled tokens (device)
+        self._prev_rows: dict[int, tuple[int, int]] = {}  # seq id -> (row in _prev_tokens, position)
+        self._fix = None
+        self.num_device_inputs = 0  # input tokens taken from the device (overlapped scheduling)
         dev = self.device
         self.input_ids = torch.zeros(max_num_tokens, dtype=torch.long, device=dev)
         self.positions = torch.zeros(max_num_tokens, dtype=torch.long, device=dev)
@@ -91,6 +96,8 @@ class ModelRunner:
         """Python lists of this step's inputs; also records each sampling sequence's last row."""
         ids, pos, slots, qlens, slens, tables = [], [], [], [], [], []
         self._last_row: dict[int, int] = {}
+        fix_dst: list[int] = []  # rows whose input token is still on the device (sampled last step)
+        fix_src: list[int] = []
         bs = self.block_size
         for sid, n, sample in work:
             st = self.seqs[sid]
@@ -102,11 +109,21 @@ class ModelRunner:
                 raise RuntimeError(f"sequence {sid}: asked to run {n} tokens past its {len(st.token_ids)}")
             tbl = st.block_table
             if n == 1:
-                ids.append(st.token_ids[start])
+                tok = st.token_ids[start]
+                if tok < 0:
+                    fix_dst.append(len(ids))
+                    fix_src.append(self._device_token_row(sid, start))
+                    tok = 0
+                ids.append(tok)
                 pos.append(start)
                 slots.append(tbl[start // bs] * bs + start % bs)
             else:
-                ids.extend(st.token_ids[start:end])
+                chunk = st.token_ids[start:end]
+                for j, tok in enumerate(chunk):
+                    if tok < 0:
+                        fix_dst.append(len(ids) + j)
+                        fix_src.append(self._device_token_row(sid, start + j))
+                ids.extend(max(tok, 0) for tok in chunk)
                 pos.extend(range(start, end))
                 slots.extend(tbl[p // bs] * bs + p % bs for p in range(start, end))
             qlens.append(n)
@@ -117,16 +134,34 @@ class ModelRunner:
         if len(ids) > self.max_num_tokens:
             raise RuntimeError(f"step of {len(ids)} tokens exceeds max_num_tokens {self.max_num_tokens}")
         sample_rows = [self._last_row[sid] if n else self._last_row[self._fork_parent[sid]] for sid, n, s in work if s]
+        self._fix = (fix_dst, fix_src) if fix_dst else None
+        self.num_device_inputs += len(fix_dst)
         return ids, pos, slots, qlens, slens, tables, sample_rows
+
+    def _device_token_row(self, sid: int, position: int) -> int:
+        """The row of the previous step's sampled tokens that holds ``sid``'s token at ``position``
+        (overlapped scheduling: the coordinator planned this step before it saw that token)."""
+        row = self._prev_rows.get(sid)
+        if row is None or row[1] != position:
+            raise RuntimeError(f"sequence {sid}: token at position {position} is not known to this worker")
+        return row[0]
+
+    def _apply_fix(self, input_ids: torch.Tensor) -> None:
+        """Writes the device-resident tokens of the previous step into this step's input ids."""
+        if self._fix is None:
+            return
+        dst, src = self._fix
+        dev = self.device
+        input_ids.index_copy_(0, h2d(dst, torch.long, dev), self._prev_tokens.index_select(0, h2d(src, torch.long, dev)))
 
     def _prepare(self, ids, pos, slots, qlens, slens, tables, offset: int = 0) -> tuple[int, AttentionMetadata]:
         """Stages inputs at ``offset`` in the persistent buffers and builds the attention metadata."""
         t = len(ids)
         dev = self.device
         o = offset
-        self.input_ids[o : o + t].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        self.positions[o : o + t].copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
-        self.slot_mapping[o : o + t].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
+        self.input_ids[o : o + t].copy_(h2d(ids, torch.long, dev), non_blocking=True)
+        self.positions[o : o + t].copy_(h2d(pos, torch.long, dev), non_blocking=True)
+        self.slot_mapping[o : o + t].copy_(h2d(slots, torch.long, dev), non_blocking=True)
         width = max((len(x) for x in tables), default=1) or 1
         bt = np.zeros((len(tables), width), dtype=np.int32)
         for i, x in enumerate(tables):
@@ -134,9 +169,9 @@ class ModelRunner:
         qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
         np.cumsum(qlens, out=qsl[1:])
         meta = AttentionMetadata(
-            query_start_loc=torch.from_numpy(qsl).to(dev),
-            seq_lens=torch.tensor(slens, dtype=torch.int32).to(dev),
-            block_tables=torch.from_numpy(bt).to(dev),
+            query_start_loc=h2d(qsl, torch.int32, dev),
+            seq_lens=h2d(slens, torch.int32, dev),
+            block_tables=h2d(bt, torch.int32, dev),
             slot_mapping=self.slot_mapping[o : o + t],
             query_lens_cpu=qlens,
             seq_lens_cpu=slens,
@@ -210,12 +245,20 @@ class ModelRunner:
         return h
 
     # --- one step -------------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, plan: StepPlan, allowed_masks: dict[int, torch.Tensor] | None = None) -> StepResult:
+        return self.launch(plan, allowed_masks).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, allowed_masks: dict[int, torch.Tensor] | None = None) -> "PendingStep":
+        """Enqueues one step and returns without waiting for the device.
+
+        The sampled tokens stay on the device for the next step's inputs (a sequence whose last
+        token the coordinator has not seen yet arrives with a negative placeholder); their host
+        copies are in flight until ``PendingStep.result()``."""
         work = self._apply(plan)
         result = StepResult(step_id=plan.step_id)
         if not work:
-            return result
+            return PendingStep(result)
         t0 = time.perf_counter()
         ids, pos, slots, qlens, slens, tables, sample_rows = self._gather(work)
         self.last_step_decode_only = len(ids) == len(qlens)
@@ -225,11 +268,14 @@ class ModelRunner:
             ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             ev[0].record()
         if self.graphs is not None and len(ids) == len(qlens) and self.graphs.fits(len(ids)) and not self.keep_logits:
-            hidden = self.graphs.run(ids, pos, slots, slens, tables)
+            hidden = self.graphs.run(ids, pos, slots, slens, tables, fix=self._apply_fix if self._fix else None)
         elif self.model.mapping.pp > 1 and len(qlens) > 1:
+            if self._fix:
+                raise RuntimeError("a pipeline-parallel step cannot take device-resident input tokens")
             hidden = self._forward_microbatched(ids, pos, slots, qlens, slens, tables)
         else:
             t, meta = self._prepare(ids, pos, slots, qlens, slens, tables)
+            self._apply_fix(self.input_ids[:t])
             hidden = self._forward(t, meta)
         for sid, n, _ in work:
             self.seqs[sid].num_computed += n
@@ -237,40 +283,80 @@ class ModelRunner:
             self.seqs[child].num_computed = self.seqs[parent].num_computed
         if hidden is None:  # not the last pipeline stage: the hidden states went on to the next
             result.forward_s = time.perf_counter() - t0
-            return result
+            return PendingStep(result)
         if self.keep_logits:
             self.last_logits = self.model.compute_logits(hidden)
         sampled_ids = [sid for sid, _, s in work if s]
+        # Where each sampled token will sit in its sequence: the next step may read it from here.
+        prev_rows = {sid: (i, len(self.seqs[sid].token_ids)) for i, sid in enumerate(sampled_ids)}
+        tokens = draw = None
         if sampled_ids and self.model.mapping.tp > 1 and all(self._plain_greedy(sid, allowed_masks) for sid in sampled_ids):
-            idx = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-            toks = self.model.greedy_tokens(hidden.index_select(0, idx))
+            idx = h2d(sample_rows, torch.long, self.device)
+            tokens = self.model.greedy_tokens(hidden.index_select(0, idx))
+            host = tokens.to("cpu", non_blocking=True)
+            sampled_ids_host = sampled_ids if self.samples else []
+        elif sampled_ids:
+            if sample_rows == list(range(hidden.shape[0])):
+                logits = self.model.compute_logits(hidden)
+            else:
+                logits = self.model.compute_logits(hidden.index_select(0, h2d(sample_rows, torch.long, self.device)))
             if self.samples:
-                result.sampled = [SampledToken(sid, t) for sid, t in zip(sampled_ids, toks.tolist())]
-            sampled_ids = []
-        if sampled_ids:
-            idx = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, idx))
-            if not self.samples:  # another tensor-parallel rank samples; this one only joined the gather
-                result.forward_s = time.perf_counter() - t0
-                return result
-            rows = []
-            for sid in sampled_ids:
-                st = self.seqs[sid]
-                rows.append(
-                    SampleRow(
-                        params=st.params,
-                        prompt_token_ids=st.token_ids[: st.num_prompt],
-                        output_token_ids=st.token_ids[st.num_prompt :],
-                        generator=st.generator,
-                        eos_token_ids=self.eos_token_ids,
-                        allowed_mask=(allowed_masks or {}).get(sid),
+                rows = []
+                for sid in sampled_ids:
+                    st = self.seqs[sid]
+                    rows.append(
+                        SampleRow(
+                            params=st.params,
+                            prompt_token_ids=st.token_ids[: st.num_prompt],
+                            output_token_ids=st.token_ids[st.num_prompt :],
+                            generator=st.generator,
+                            eos_token_ids=self.eos_token_ids,
+                            allowed_mask=(allowed_masks or {}).get(sid),
+                        )
                     )
-                )
-            for sid, r in zip(sampled_ids, self.sampler(logits, rows)):
-                result.sampled.append(SampledToken(sid, r.token_id, r.logprob, r.rank, r.top_logprobs))
+                draw = self.sampler.launch(logits, rows)
+                tokens = draw.token_ids
+        if tokens is not None:
+            self._prev_tokens, self._prev_rows = tokens, prev_rows
+        else:
+            self._prev_rows = {}
         if ev is not None:
             ev[1].record()
-            ev[1].synchronize()
-            self.last_gpu_s = ev[0].elapsed_time(ev[1]) / 1000
-        result.forward_s = time.perf_counter() - t0
-        return result
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+
+        def finish() -> None:
+            if done is not None:
+                done.synchronize()
+            if ev is not None:
+                self.last_gpu_s = ev[0].elapsed_time(ev[1]) / 1000
+            if draw is not None:
+                for sid, r in zip(sampled_ids, self.sampler.finish(draw)):
+                    result.sampled.append(SampledToken(sid, r.token_id, r.logprob, r.rank, r.top_logprobs))
+            elif tokens is not None:
+                result.sampled = [SampledToken(sid, t) for sid, t in zip(sampled_ids_host, host.tolist())]
+            # Placeholders this worker holds for those tokens become the tokens themselves.
+            for st_tok in result.sampled:
+                row = prev_rows.get(st_tok.seq_id)
+                st = self.seqs.get(st_tok.seq_id)
+                if row is not None and st is not None and row[1] < len(st.token_ids) and st.token_ids[row[1]] < 0:
+                    st.token_ids[row[1]] = st_tok.token_id
+            result.forward_s = time.perf_counter() - t0
+
+        return PendingStep(result, finish)
+
+
+class PendingStep:
+    """A launched step; ``result()`` waits for the device and returns the sampled tokens."""
+
+    def __init__(self, result: StepResult, finish=None):
+        self._result = result
+        self._finish = finish
+
+    def result(self) -> StepResult:
+        if self._finish is not None:
+            f, self._finish = self._finish, None
+            f()
+        return self._result

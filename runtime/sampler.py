@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .sampling_params import SamplingParams
+from .transfer import h2d
 
 _NEG_INF = float("-inf")
 
@@ -37,6 +38,16 @@ class SampleRow:
     generator: torch.Generator | None
     eos_token_ids: tuple[int, ...] = ()
     allowed_mask: torch.Tensor | None = None
+
+
+@dataclass
+class Draw:
+    """A launched sampling step: the chosen tokens on the device, and their host copies in flight."""
+
+    token_ids: torch.Tensor
+    host_ids: torch.Tensor
+    host_logprobs: list[torch.Tensor] | None
+    logprob_info: dict[int, tuple[int, int]]
 
 
 @dataclass
@@ -85,72 +96,82 @@ class Sampler:
         return g
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
+        return self.finish(self.launch(logits, rows))
+
+    def launch(self, logits: torch.Tensor, rows: list[SampleRow]) -> "Draw":
+        """Enqueues the sampling work and the copy of its results to the host; returns at once
+        (on a GPU) with the chosen tokens still on the device. ``finish`` waits and unpacks."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         n, vocab = logits.shape
         if n != len(rows):
             raise ValueError(f"{n} logits rows but {len(rows)} sample rows")
-        if n == 0:
-            return []
         device = logits.device
+        if n == 0:
+            return Draw(torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long), None, {})
         if logits.dtype != torch.float32:
             logits = logits.float()
-
-        token_ids = torch.empty(n, dtype=torch.long, device=device)
 
         # Rows that only need argmax of the raw logits: one batched argmax.
         fast = [
             i for i, r in enumerate(rows)
             if r.params.greedy and r.params.logprobs is None and not _needs_processing(r)
         ]
+        if len(fast) == n:
+            token_ids = logits.argmax(dim=-1)
+            return Draw(token_ids, token_ids.to("cpu", non_blocking=True), None, {})
+        token_ids = torch.empty(n, dtype=torch.long, device=device)
         fast_set = set(fast)
         slow = [i for i in range(n) if i not in fast_set]
         if fast:
-            fast_idx = torch.tensor(fast, dtype=torch.long, device=device)
+            fast_idx = h2d(fast, torch.long, device)
             token_ids[fast_idx] = logits.index_select(0, fast_idx).argmax(dim=-1)
 
         logprob_info: dict[int, tuple[int, int]] = {}
         lp_tensors: list[torch.Tensor] = []
-        if slow:
-            slow_rows = [rows[i] for i in slow]
-            slow_idx = torch.tensor(slow, dtype=torch.long, device=device)
-            proc = logits.index_select(0, slow_idx)  # a copy: the caller's logits stay untouched
-            masked = [j for j, row in enumerate(slow_rows) if self._mask_row(proc, j, row, vocab)]
-            if masked:
-                # A row whose masks left nothing allowed falls back to its unmasked logits.
-                m_idx = torch.tensor(masked, dtype=torch.long, device=device)
-                dead = torch.isneginf(proc.index_select(0, m_idx)).all(dim=-1)
-                if bool(dead.any()):
-                    d_idx = m_idx[dead]
-                    proc[d_idx] = logits.index_select(0, slow_idx.index_select(0, d_idx))
-            for j, row in enumerate(slow_rows):
-                self._penalise_row(proc, j, row, vocab)
+        slow_rows = [rows[i] for i in slow]
+        slow_idx = h2d(slow, torch.long, device)
+        proc = logits.index_select(0, slow_idx)  # a copy: the caller's logits stay untouched
+        masked = [j for j, row in enumerate(slow_rows) if self._mask_row(proc, j, row, vocab)]
+        if masked:
+            # A row whose masks left nothing allowed falls back to its unmasked logits.
+            m_idx = h2d(masked, torch.long, device)
+            dead = torch.isneginf(proc.index_select(0, m_idx)).all(dim=-1)
+            if bool(dead.any()):
+                d_idx = m_idx[dead]
+                proc[d_idx] = logits.index_select(0, slow_idx.index_select(0, d_idx))
+        for j, row in enumerate(slow_rows):
+            self._penalise_row(proc, j, row, vocab)
 
-            chosen = self._choose(proc, slow_rows, device)
-            token_ids[slow_idx] = chosen
+        chosen = self._choose(proc, slow_rows, device)
+        token_ids[slow_idx] = chosen
 
-            want = [j for j, r in enumerate(slow_rows) if r.params.logprobs is not None]
-            if want:
-                want_idx = torch.tensor(want, dtype=torch.long, device=device)
-                lp_tensors = self._logprobs(proc.index_select(0, want_idx), chosen.index_select(0, want_idx),
-                                            [slow_rows[j].params.logprobs for j in want])
-                for k, j in enumerate(want):
-                    logprob_info[slow[j]] = (k, slow_rows[j].params.logprobs)
+        want = [j for j, r in enumerate(slow_rows) if r.params.logprobs is not None]
+        if want:
+            want_idx = h2d(want, torch.long, device)
+            lp_tensors = self._logprobs(proc.index_select(0, want_idx), chosen.index_select(0, want_idx),
+                                        [slow_rows[j].params.logprobs for j in want])
+            for k, j in enumerate(want):
+                logprob_info[slow[j]] = (k, slow_rows[j].params.logprobs)
+        lp_host = [t.to("cpu", non_blocking=True) for t in lp_tensors] if lp_tensors else None
+        return Draw(token_ids, token_ids.to("cpu", non_blocking=True), lp_host, logprob_info)
 
-        ids_cpu = token_ids.tolist()
-        if lp_tensors:
-            chosen_lp, ranks, top_vals, top_ids = (t.tolist() for t in lp_tensors)
+    @staticmethod
+    def finish(draw: "Draw") -> list[SampleResult]:
+        """The host-side results of ``launch``; the caller has waited for the device (or runs on a CPU)."""
+        ids_cpu = draw.host_ids.tolist()
+        if draw.host_logprobs:
+            chosen_lp, ranks, top_vals, top_ids = (t.tolist() for t in draw.host_logprobs)
         results: list[SampleResult] = []
-        for i in range(n):
-            tok = int(ids_cpu[i])
-            info = logprob_info.get(i)
+        for i, tok in enumerate(ids_cpu):
+            info = draw.logprob_info.get(i)
             if info is None:
-                results.append(SampleResult(tok, None, None, None))
+                results.append(SampleResult(int(tok), None, None, None))
                 continue
             k, num = info
             top = {int(t): float(v) for t, v in zip(top_ids[k][:num], top_vals[k][:num])}
             top[tok] = float(chosen_lp[k])
-            results.append(SampleResult(tok, float(chosen_lp[k]), top, int(ranks[k])))
+            results.append(SampleResult(int(tok), float(chosen_lp[k]), top, int(ranks[k])))
         return results
 
     @staticmethod
@@ -171,7 +192,7 @@ class Sampler:
         if len(row.output_token_ids) < p.min_tokens:
             banned = [t for t in (*row.eos_token_ids, *p.stop_token_ids) if 0 <= t < vocab]
             if banned:
-                proc[j, torch.tensor(banned, dtype=torch.long, device=proc.device)] = _NEG_INF
+                proc[j, h2d(banned, torch.long, proc.device)] = _NEG_INF
                 touched = True
         return touched
 
@@ -182,14 +203,14 @@ class Sampler:
         if p.repetition_penalty != 1.0:
             seen = [t for t in (*row.prompt_token_ids, *row.output_token_ids) if 0 <= t < vocab]
             if seen:
-                idx = torch.tensor(seen, dtype=torch.long, device=device).unique()
+                idx = h2d(seen, torch.long, device).unique()
                 vals = proc[j, idx]
                 pen = p.repetition_penalty
                 proc[j, idx] = torch.where(vals > 0, vals / pen, vals * pen)
         if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
             out = [t for t in row.output_token_ids if 0 <= t < vocab]
             if out:
-                counts = torch.bincount(torch.tensor(out, dtype=torch.long, device=device), minlength=vocab)
+                counts = torch.bincount(h2d(out, torch.long, device), minlength=vocab)
                 counts = counts.to(proc.dtype)
                 proc[j] -= p.presence_penalty * (counts > 0).to(proc.dtype) + p.frequency_penalty * counts
 
@@ -199,10 +220,10 @@ class Sampler:
         sampled = [j for j, r in enumerate(rows) if not r.params.greedy]
         if not sampled:
             return chosen
-        s_idx = torch.tensor(sampled, dtype=torch.long, device=device)
+        s_idx = h2d(sampled, torch.long, device)
         s_rows = [rows[j] for j in sampled]
         x = proc.index_select(0, s_idx)
-        temps = torch.tensor([r.params.temperature for r in s_rows], dtype=x.dtype, device=device)
+        temps = h2d([r.params.temperature for r in s_rows], x.dtype, device)
         x.div_(temps.unsqueeze(-1))
 
         ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in s_rows]
@@ -221,7 +242,7 @@ class Sampler:
         if shared:
             g = self._shared_generator(device)
             sh = torch.empty((len(shared), vocab), dtype=probs.dtype, device=device).exponential_(generator=g)
-            noise[torch.tensor(shared, dtype=torch.long, device=device)] = sh
+            noise[h2d(shared, torch.long, device)] = sh
         for k, r in enumerate(s_rows):
             if r.generator is not None:
                 gdev = r.generator.device
@@ -249,7 +270,7 @@ class Sampler:
 def _apply_top_k(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     """Keep each row's ``k`` largest logits (``k == 0``: all of them)."""
     vocab = x.shape[-1]
-    k = torch.tensor([kv if kv > 0 else vocab for kv in ks], dtype=torch.long, device=x.device)
+    k = h2d([kv if kv > 0 else vocab for kv in ks], torch.long, x.device)
     kmax = int(max(kv if kv > 0 else vocab for kv in ks))
     top_vals = x.topk(kmax, dim=-1).values
     kth = top_vals.gather(1, (k - 1).clamp_max(kmax - 1).unsqueeze(-1))
@@ -260,7 +281,7 @@ def _apply_top_k(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
 
 def _apply_top_p(x: torch.Tensor, ps: list[float]) -> torch.Tensor:
     """Keep the fewest most likely tokens whose probability mass reaches ``p`` (at least one)."""
-    top_p = torch.tensor(ps, dtype=x.dtype, device=x.device)
+    top_p = h2d(ps, x.dtype, x.device)
     probs = torch.softmax(x, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
@@ -273,7 +294,7 @@ def _apply_top_p(x: torch.Tensor, ps: list[float]) -> torch.Tensor:
 
 def _apply_min_p(x: torch.Tensor, mps: list[float]) -> torch.Tensor:
     """Drop tokens whose probability is below ``min_p`` times the most likely token's."""
-    min_p = torch.tensor(mps, dtype=x.dtype, device=x.device)
+    min_p = h2d(mps, x.dtype, x.device)
     probs = torch.softmax(x, dim=-1)
     threshold = min_p.unsqueeze(-1) * probs.max(dim=-1, keepdim=True).values
     drop = probs < threshold

@@ -97,6 +97,9 @@ class Scheduler:
             seq = self.running[i]
             if budget == 0 or len(scheduled) >= self.max_batch_size:
                 break
+            if seq.num_pending and self._ends_by_length(seq):
+                i += 1  # its last token is in flight: it finishes when that token is seen
+                continue
             pending = seq.token_ids[seq.bm_len :]
             if pending and not self._make_room(seq, len(pending)):
                 continue  # seq itself was preempted; the list shifted
@@ -113,6 +116,8 @@ class Scheduler:
         reserved = self._reserved() if self.policy == "guaranteed_no_evict" else 0
         while self.waiting and budget > 0 and len(scheduled) < self.max_batch_size:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted with a token in flight: it returns once that token is known
             need = -(-len(seq.token_ids) // self.bm.block_size)
             if need > self.bm.num_blocks:
                 self.waiting.pop(0)
@@ -144,6 +149,11 @@ class Scheduler:
         plan.finished = self._finished_ids
         self._finished_ids = []
         return plan
+
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        """The sequence holds all the tokens it may have (max_tokens or the context length)."""
+        p = seq.request.params
+        return len(seq.token_ids) >= self.max_seq_len or (p.max_tokens is not None and seq.num_output >= p.max_tokens)
 
     def _growth(self, seq: Sequence) -> int:
         """Blocks the sequence may still need beyond those holding its tokens now."""

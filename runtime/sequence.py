@@ -43,10 +43,11 @@ class Sequence:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     grammar: object = None               # a grammar matcher when the output is constrained
+    num_pending: int = 0                 # trailing placeholders: tokens launched but not seen yet
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt :]
+        return self.token_ids[self.num_prompt : len(self.token_ids) - self.num_pending]
 
     @property
     def num_output(self) -> int:

@@ -100,9 +100,15 @@ def smollm_hf():
 
 
 @pytest.fixture(scope="session")
-def small_engine(tmp_path_factory):
+def small_engine(small_checkpoint, tmp_path_factory):
     """A small random Llama (transformers-initialised, wide logits so greedy ties are rare) built
     for the CPU: fast enough to run hundreds of requests with long prompts in CI."""
+    return build_small(small_checkpoint, str(tmp_path_factory.mktemp("eng") / "small"), max_seq_len=1024)
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """The Hugging Face folder behind ``small_engine``."""
     import transformers
 
     cfg = transformers.LlamaConfig(
@@ -113,4 +119,4 @@ def small_engine(tmp_path_factory):
     model = transformers.LlamaForCausalLM(cfg).eval()
     d = tmp_path_factory.mktemp("small-hf")
     model.save_pretrained(d)
-    return build_small(str(d), str(tmp_path_factory.mktemp("eng") / "small"), max_seq_len=1024)
+    return str(d)

@@ -94,6 +94,7 @@ def run_over_time(engine: LLMEngine, workload, per_step: int = 2, abort: dict | 
             if at == step:
                 engine.abort_request(rid)
         for out in engine.step():
+            assert all(t >= 0 for t in out.outputs[0].token_ids)  # never a placeholder
             if out.finished:
                 outputs[out.request_id] = out.outputs[0].token_ids
         step += 1
@@ -107,6 +108,10 @@ def run_over_time(engine: LLMEngine, workload, per_step: int = 2, abort: dict | 
         ("prefix-off", dict(num_kv_blocks=2048, max_num_tokens=512, enable_prefix_caching=False)),
         ("preemption", dict(num_kv_blocks=48, max_num_tokens=256, scheduler_policy="max_utilization")),
         ("no-evict", dict(num_kv_blocks=48, max_num_tokens=256)),
+        # Overlapped scheduling: each step is planned before the last one's tokens are seen.
+        ("async", dict(num_kv_blocks=2048, max_num_tokens=512, async_scheduling=True)),
+        ("async-preemption", dict(num_kv_blocks=48, max_num_tokens=256, scheduler_policy="max_utilization",
+                                  async_scheduling=True)),
     ],
 )
 def test_64_requests_equal_solo(name, kwargs, engine_dir, solo):
@@ -118,21 +123,25 @@ def test_64_requests_equal_solo(name, kwargs, engine_dir, solo):
     print(f"{name}: preemptions={stats['preemptions']} prefix_hit_rate={stats['prefix_cache_hit_rate']:.2f} ties={ties} steps={stats['steps']}")
     assert stats["kv_blocks_used"] == 0
     engine.block_manager.check_invariants()
-    if name == "preemption":
+    if name in ("preemption", "async-preemption"):
         assert stats["preemptions"] > 0
     if name == "no-evict":
         assert stats["preemptions"] == 0
-    if name == "in-flight":
+    if name in ("in-flight", "async"):
         assert stats["prefix_cache_hit_rate"] > 0
+    if kwargs.get("async_scheduling"):
+        assert engine.executor.runner.num_device_inputs > 0  # steps really ran ahead of the host
     if name == "prefix-off":
         assert stats["prefix_cache_hit_rate"] == 0
 
 
-def test_abort_storm(engine_dir, solo):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_abort_storm(engine_dir, solo, async_scheduling):
     rng = random.Random(5)
     workload = make_workload(seed=3, count=200, max_prompt=40, max_out=8, shared_prefix=16)
     abort = {rid: rng.randint(0, 60) for rid, _, _ in rng.sample(workload, len(workload) // 3)}
-    engine = LLMEngine(engine_dir, num_kv_blocks=160, max_num_tokens=256, max_batch_size=48, scheduler_policy="max_utilization")
+    engine = LLMEngine(engine_dir, num_kv_blocks=160, max_num_tokens=256, max_batch_size=48, scheduler_policy="max_utilization",
+                       async_scheduling=async_scheduling)
     outputs = run_over_time(engine, workload, per_step=4, abort=abort)
     aborted_early = {rid for rid in abort if rid not in outputs or len(outputs[rid]) < dict((r, m) for r, _, m in workload)[rid]}
     assert_matches_solo(outputs, workload, solo, skip=set(abort))
@@ -171,3 +180,59 @@ def test_chunked_prefill_does_not_stall_decodes(engine_dir):
         if before is not None:
             assert plan_tokens["decoder"] == before + 1
         before = plan_tokens["decoder"]
+
+
+def _run_all(engine: LLMEngine, requests) -> dict:
+    for rid, prompt, params in requests:
+        engine.add_request(rid, prompt, params)
+    out = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            for c in o.outputs:
+                assert all(t >= 0 for t in c.token_ids)
+            if o.finished:
+                out[o.request_id] = [(c.token_ids, c.finish_reason, c.text) for c in o.outputs]
+    assert engine.stats()["kv_blocks_used"] == 0
+    engine.block_manager.check_invariants()
+    return out
+
+
+def test_async_scheduling_equals_sync_for_every_kind_of_request(engine_dir):
+    """Seeded sampling, top-k/top-p, stop tokens hit mid-run, max_tokens 1, min_tokens, penalties
+    (which make the engine wait for each step) and n = 2, mixed in one batch."""
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, 2048) for _ in range(rng.randint(2, 40))] for _ in range(12)]
+    probe = LLMEngine(engine_dir, num_kv_blocks=512)
+    first = _run_all(probe, [(f"p{i}", p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+                             for i, p in enumerate(prompts)])
+
+    def requests():
+        reqs = []
+        for i, p in enumerate(prompts):
+            stop_tok = first[f"p{i}"][0][0][4]  # greedy requests stop at their fifth token
+            kind = i % 6
+            if kind == 0:
+                sp = SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop_tok], ignore_eos=True)
+            elif kind == 1:
+                sp = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=i, ignore_eos=True)
+            elif kind == 2:
+                sp = SamplingParams(max_tokens=1, temperature=0.0)
+            elif kind == 3:
+                sp = SamplingParams(max_tokens=10, min_tokens=6, temperature=0.0, stop_token_ids=[stop_tok], logprobs=1)
+            elif kind == 4:
+                sp = SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.3, ignore_eos=True)
+            else:
+                sp = SamplingParams(max_tokens=6, temperature=0.7, n=2, seed=100 + i, ignore_eos=True)
+            reqs.append((f"r{i}", p, sp))
+        return reqs
+
+    sync = _run_all(LLMEngine(engine_dir, num_kv_blocks=512, async_scheduling=False), requests())
+    eng = LLMEngine(engine_dir, num_kv_blocks=512, async_scheduling=True)
+    got = _run_all(eng, requests())
+    assert got == sync
+    assert any(c[1] == "stop" for v in sync.values() for c in v)  # a stop token ended a request mid-run
+    # Without the requests that need every token on the host, the steps overlap.
+    eng2 = LLMEngine(engine_dir, num_kv_blocks=512, async_scheduling=True)
+    plain = [r for r in requests() if r[2].n == 1 and r[2].repetition_penalty == 1.0]
+    assert _run_all(eng2, plain) == {k: v for k, v in sync.items() if k in {r[0] for r in plain}}
+    assert eng2.executor.runner.num_device_inputs > 0
