@@ -1,8 +1,13 @@
 """Collectives over torch.distributed: NCCL between GPUs, gloo between CPU processes.
 
 ``init_distributed`` joins the world and creates every tensor-parallel and pipeline group (group
-creation is collective: all ranks create all groups in the same order), plus a gloo group for
-the control plane. ``DistComm`` is what the model's parallel layers call.
+creation is collective: all ranks create all groups in the same order), the expert-parallel and
+moe_tp groups of MoE layers built with ``ep > 1``, plus a gloo group for the control plane.
+``DistComm`` is what the model's parallel layers call.
+
+``KILN_TIME_COLLECTIVES=1`` makes ``DistComm`` synchronise around each collective and add its
+wall time to ``allreduce_s``, ``alltoall_s`` or ``allgather_s`` (``timings()`` returns all three),
+so a caller can work out each collective's share of a step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ class Groups:
     tp: object
     pp: object
     control: object  # gloo, whole world: step plans and results as bytes
+    ep: object = None  # this rank's expert-parallel group (ep > 1 only; the tp group when ep == tp)
+    moe_tp: object = None  # this rank's moe_tp group (ep > 1 only; None when moe_tp == 1)
 
 
 def init_distributed(mapping: Mapping, master_addr: str | None, master_port: int | None, device: torch.device,
@@ -50,35 +57,99 @@ def init_distributed(mapping: Mapping, master_addr: str | None, master_port: int
         g = dist.new_group(ranks)
         if mapping.rank in ranks:
             pp_group = g
+    ep_group = moe_tp_group = None
+    if mapping.ep > 1 and mapping.moe_tp == 1:
+        ep_group = tp_group
+    elif mapping.ep > 1:
+        for s in range(mapping.pp):
+            for j in range(mapping.moe_tp):
+                ranks = mapping.for_rank(s * mapping.tp + j).ep_group_ranks()
+                g = dist.new_group(ranks)
+                if mapping.rank in ranks:
+                    ep_group = g
+        for s in range(mapping.pp):
+            for e in range(mapping.ep):
+                ranks = mapping.for_rank(s * mapping.tp + e * mapping.moe_tp).moe_tp_group_ranks()
+                g = dist.new_group(ranks)
+                if mapping.rank in ranks:
+                    moe_tp_group = g
     control = dist.new_group(list(range(mapping.world_size)), backend="gloo") if backend != "gloo" else dist.group.WORLD
-    return Groups(tp_group, pp_group, control)
+    return Groups(tp_group, pp_group, control, ep_group, moe_tp_group)
 
 
 class DistComm:
-    """Tensor-parallel collectives and pipeline point-to-point transfers of one rank."""
+    """Tensor-parallel collectives, the expert-parallel collectives of MoE layers, and pipeline
+    point-to-point transfers of one rank."""
 
     def __init__(self, mapping: Mapping, groups: Groups):
         self.mapping = mapping
         self.groups = groups
         self.world_size = mapping.tp
-        self.allreduce_s = 0.0  # time spent in all-reduce (set KILN_TIME_COLLECTIVES=1 to measure)
+        self.ep_size = mapping.ep
+        self.ep_rank = mapping.moe_ep_rank
+        # Wall time spent in each kind of collective (set KILN_TIME_COLLECTIVES=1 to measure).
+        self.allreduce_s = 0.0
+        self.alltoall_s = 0.0
+        self.allgather_s = 0.0
         self._time = bool(os.environ.get("KILN_TIME_COLLECTIVES"))
+
+    def timings(self) -> dict[str, float]:
+        return {"allreduce_s": self.allreduce_s, "alltoall_s": self.alltoall_s, "allgather_s": self.allgather_s}
+
+    def _timed(self, counter: str, x: torch.Tensor, fn) -> None:
+        """Runs ``fn()``; when timing, synchronises around it and adds the wall time to ``counter``."""
+        if not self._time:
+            fn()
+            return
+        import time
+
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        setattr(self, counter, getattr(self, counter) + time.perf_counter() - t)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.mapping.tp == 1:
             return x
-        if self._time:
-            import time
+        self._timed("allreduce_s", x, lambda: dist.all_reduce(x, group=self.groups.tp))
+        return x
 
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            dist.all_reduce(x, group=self.groups.tp)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            self.allreduce_s += time.perf_counter() - t
+    def all_to_all(self, x: torch.Tensor, output_split_sizes: list[int] | None = None,
+                   input_split_sizes: list[int] | None = None) -> torch.Tensor:
+        """All-to-all over the expert-parallel group on the rows of ``x``: rows
+        ``input_split_sizes[j]`` (in order) go to EP rank j, and the result holds the rows from
+        each EP rank in EP-rank order, ``output_split_sizes[j]`` of them from rank j. Without
+        split sizes, ``x``'s rows split evenly and the result has ``x``'s shape."""
+        if self.ep_size == 1:
             return x
-        dist.all_reduce(x, group=self.groups.tp)
+        rows = x.shape[0] if output_split_sizes is None else sum(output_split_sizes)
+        out = x.new_empty((rows, *x.shape[1:]))
+        x = x.contiguous()
+        self._timed("alltoall_s", x, lambda: dist.all_to_all_single(
+            out, x, output_split_sizes, input_split_sizes, group=self.groups.ep))
+        return out
+
+    def ep_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenates each EP rank's ``x`` (equal shapes) along the first dimension, in EP-rank order."""
+        if self.ep_size == 1:
+            return x
+        x = x.contiguous()
+        out = x.new_empty((self.ep_size * x.shape[0], *x.shape[1:]))
+        if x.is_cuda:
+            self._timed("allgather_s", x, lambda: dist.all_gather_into_tensor(out, x, group=self.groups.ep))
+        else:
+            self._timed("allgather_s", x, lambda: dist.all_gather(list(out.split(x.shape[0])), x, group=self.groups.ep))
+        return out
+
+    def moe_tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sums ``x`` over the ranks that hold the other moe_tp slices of this rank's experts."""
+        if self.mapping.moe_tp == 1:
+            return x
+        group = self.groups.moe_tp if self.ep_size > 1 else self.groups.tp
+        self._timed("allreduce_s", x, lambda: dist.all_reduce(x, group=group))
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:

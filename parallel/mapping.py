@@ -1,7 +1,10 @@
 """The rank mapping: one immutable object owns all tensor / pipeline / expert-parallel arithmetic.
 
 Ranks are laid out with tensor parallelism innermost: ``rank = pp_rank * tp + tp_rank``. Inside a
-tensor-parallel group, MoE layers split as ``moe_tp x moe_ep = tp`` with ``ep`` setting moe_ep.
+tensor-parallel group, MoE layers split as ``moe_tp x moe_ep = tp`` with ``ep`` setting moe_ep, and
+moe_tp innermost: ``tp_rank = moe_ep_rank * moe_tp + moe_tp_rank``. An expert-parallel group is the
+``ep`` ranks of one tensor-parallel group that hold the same moe_tp slice of different experts; a
+moe_tp group is the ``moe_tp`` ranks that hold the slices of the same experts.
 """
 
 from __future__ import annotations
@@ -65,6 +68,16 @@ class Mapping(BaseModel):
 
     def pp_group_ranks(self) -> list[int]:
         return [s * self.tp + self.tp_rank for s in range(self.pp)]
+
+    def ep_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's expert-parallel group, in moe_ep_rank order."""
+        base = self.pp_rank * self.tp + self.moe_tp_rank
+        return [base + e * self.moe_tp for e in range(self.ep)]
+
+    def moe_tp_group_ranks(self) -> list[int]:
+        """Global ranks that hold the other moe_tp slices of this rank's experts, in moe_tp_rank order."""
+        base = self.pp_rank * self.tp + self.moe_ep_rank * self.moe_tp
+        return list(range(base, base + self.moe_tp))
 
     def for_rank(self, rank: int) -> "Mapping":
         return Mapping(tp=self.tp, pp=self.pp, ep=self.ep, rank=rank)

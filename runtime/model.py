@@ -23,9 +23,10 @@ from torch import nn
 
 from kiln.kernels.activation import silu_and_mul
 from kiln.kernels.attention import AttentionMetadata, paged_attention, write_kv
-from kiln.kernels.moe import moe_forward
+from kiln.kernels.moe import moe_forward, route
 from kiln.kernels.norm import add_rms_norm, rms_norm
 from kiln.kernels.rotary import apply_rotary, cos_sin_cache
+from kiln.parallel.expert_parallel import ep_moe_forward
 from kiln.parallel.mapping import Mapping
 from kiln.runtime.config import ModelConfig
 
@@ -126,13 +127,22 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed experts; this rank holds ``num_local_experts`` of them, each split moe_tp ways."""
+    """Top-k routed experts; this rank holds ``num_local_experts`` of them, each split moe_tp ways.
+
+    With one expert-parallel rank (``ep == 1``) every rank runs the local experts' moe_tp slices on
+    all tokens and the tensor-parallel all-reduce sums the slices. With ``ep > 1`` the tokens are
+    dispatched to the ranks holding their experts and combined with all-to-all (see
+    ``kiln.parallel.expert_parallel``), except while a CUDA graph is being captured: the
+    all-to-all's split sizes are read on the host, so a captured step takes the all-reduce path,
+    which gives the same result.
+    """
 
     def __init__(self, cfg: ModelConfig, ls: LocalShape, dtype, device):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         self.first_expert = ls.first_expert
+        self.ep = cfg.num_experts // ls.num_local_experts
         self.gate = nn.Module()
         self.gate.weight = _param(cfg.num_experts, cfg.hidden_size, dtype=dtype, device=device)
         self.experts = nn.Module()
@@ -141,6 +151,9 @@ class MoE(nn.Module):
 
     def forward(self, x, comm):
         router_logits = F.linear(x, self.gate.weight)
+        if self.ep > 1 and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            weights, ids = route(router_logits, self.top_k, self.renormalize)
+            return ep_moe_forward(x, weights, ids, self.experts.w13, self.experts.w2, comm)
         out = moe_forward(
             x, router_logits, self.experts.w13, self.experts.w2, self.top_k, self.renormalize, self.first_expert
         )
@@ -173,11 +186,23 @@ class LocalComm:
     """Collectives of a one-rank group: every operation is the identity."""
 
     world_size = 1
+    ep_size = 1
+    ep_rank = 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def all_to_all(self, x: torch.Tensor, output_split_sizes: list[int] | None = None,
+                   input_split_sizes: list[int] | None = None) -> torch.Tensor:
+        return x
+
+    def ep_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def moe_tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 

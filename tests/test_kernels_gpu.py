@@ -274,3 +274,222 @@ def test_decode_cuda_graph_replay(hq, hk, d, bs):
         graph.replay()
         ref = paged_attention_ref(q, k_cache, v_cache, new, scale)
         _check_attn(out, ref, BF)
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE experts: grouped GEMMs (torch._grouped_mm) against the loop over experts
+# ----------------------------------------------------------------------------------------------
+
+
+def _moe_weights(e, h, i, seed):
+    """Expert weights scaled so each layer's outputs stay near unit size."""
+    return _randn(e, 2 * i, h, seed=seed, scale=h**-0.5), _randn(e, h, i, seed=seed + 1, scale=i**-0.5)
+
+
+def _check_moe(out, ref):
+    """Both sides round the intermediate activations to bfloat16 and accumulate in float32; they
+    differ by the GEMMs' summation order, a unit or two in bfloat16's last place."""
+    _close(out, ref, 3e-2, 3e-2)
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-6)).item()
+    assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize(
+    "h,i,counts",
+    [
+        (2048, 768, [3, 0, 17, 1, 0, 0, 40, 2]),  # qwen3-30b-a3b-sized experts; empty groups
+        (4096, 1792, [1, 1, 1, 1]),               # decode-sized groups
+        (1024, 512, [300, 0, 0, 213]),            # prefill-sized groups around empty ones
+        (512, 256, [0, 0, 0, 9]),                 # only the last expert has rows
+    ],
+)
+def test_expert_mlp_grouped_matches_loop(h, i, counts):
+    from kiln.kernels.moe import expert_mlp, expert_mlp_grouped, expert_mlp_ref, grouped_mm_usable
+
+    w13, w2 = _moe_weights(len(counts), h, i, seed=40)
+    x = _randn(sum(counts), h, seed=42)
+    c = torch.tensor(counts)
+    assert grouped_mm_usable(x, w13, w2)
+    ref = expert_mlp_ref(x, c, w13, w2)
+    _check_moe(expert_mlp_grouped(x, c, w13, w2), ref)
+    _check_moe(expert_mlp(x, c, w13, w2), ref)
+
+
+@pytest.mark.parametrize(
+    "t,e,k,h,i,first,local",
+    [
+        (1, 128, 8, 2048, 768, 0, 128),     # qwen3-30b-a3b decode, all experts local
+        (77, 8, 2, 4096, 1792, 0, 8),       # mixtral-like prefill chunk (intermediate cut 8 ways)
+        (513, 64, 6, 1024, 256, 16, 16),    # a rank holding experts 16..31 of 64
+        (33, 8, 2, 512, 128, 6, 2),         # the last rank's two experts of eight
+    ],
+)
+def test_moe_forward_grouped_matches_ref(t, e, k, h, i, first, local):
+    from kiln.kernels.moe import moe_forward, moe_forward_grouped, moe_forward_ref
+
+    w13, w2 = _moe_weights(local, h, i, seed=50)
+    x = _randn(t, h, seed=52)
+    logits = _randn(t, e, seed=53, scale=2.0)
+    ref = moe_forward_ref(x, logits, w13, w2, k, True, first)
+    _check_moe(moe_forward_grouped(x, logits, w13, w2, k, True, first), ref)
+    _check_moe(moe_forward(x, logits, w13, w2, k, False, first), moe_forward_ref(x, logits, w13, w2, k, False, first))
+
+
+def test_moe_forward_grouped_cuda_graph_replay():
+    """The grouped path reads nothing on the host, so a decode step captures and replays with new
+    tokens and new routings."""
+    from kiln.kernels.moe import moe_forward, moe_forward_ref
+
+    t, e, k, h, i = 16, 32, 4, 1024, 384
+    w13, w2 = _moe_weights(e, h, i, seed=60)
+    x = _randn(t, h, seed=61)
+    logits = _randn(t, e, seed=62, scale=2.0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            moe_forward(x, logits, w13, w2, k, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_forward(x, logits, w13, w2, k, True)
+    for step in range(3):
+        x.copy_(_randn(t, h, seed=70 + step))
+        logits.copy_(_randn(t, e, seed=80 + step, scale=2.0))
+        graph.replay()
+        _check_moe(out, moe_forward_ref(x, logits, w13, w2, k, True))
+
+
+def test_expert_parallel_path_on_one_rank():
+    """The all-to-all MoE path's sorting, counts and regrouping on CUDA tensors (a one-rank comm:
+    the collectives are the identity), with the grouped GEMMs inside."""
+    from kiln.kernels.moe import moe_forward_ref, route
+    from kiln.parallel.expert_parallel import ep_moe_forward
+    from kiln.runtime.model import LocalComm
+
+    t, e, k, h, i = 45, 16, 4, 1024, 256
+    w13, w2 = _moe_weights(e, h, i, seed=90)
+    x = _randn(t, h, seed=91)
+    logits = _randn(t, e, seed=92, scale=2.0)
+    weights, ids = route(logits, k, True)
+    _check_moe(ep_moe_forward(x, weights, ids, w13, w2, LocalComm()), moe_forward_ref(x, logits, w13, w2, k, True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Skinny matrix products (decode-time nn.Linear): kiln.kernels.gemv
+# ----------------------------------------------------------------------------------------------
+
+import torch.nn.functional as F  # noqa: E402
+
+from kiln.kernels import gemv  # noqa: E402
+
+LLAMA_LINEAR = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+
+
+def _check_gemv(y, ref, tol=1.6e-2):
+    """float32 sums rounded once to bfloat16/float16: a unit or two in the last place, plus slack
+    for the few results near zero (cuBLAS may also round split-K partial sums)."""
+    assert not y.isnan().any()
+    scale = ref.abs().mean().item()
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * scale)
+    rel = ((y.float() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if y.dtype == torch.float32 else 1e-2), rel
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("n,k", LLAMA_LINEAR)
+def test_gemv_every_config(n, k, m):
+    x = _randn(m, k, seed=60)
+    w = _randn(n, k, seed=61)
+    ref = gemv.gemv_ref(x, w)
+    out = torch.full((m, n), float("nan"), device=DEV, dtype=BF)
+    for cfg in gemv.configs(m, BF):
+        out.fill_(float("nan"))
+        gemv.gemv(x, w, cfg, out=out)
+        _check_gemv(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [BF, FP16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3, 4, 6])
+def test_gemv_dtypes_bias_strided_rows(m, dtype):
+    """An N and K off the tile sizes, a bias, and x / w rows that are views into wider tensors."""
+    n, k = 1000, 1544
+    x = _randn(m, k + 64, dtype=dtype, seed=62)[:, 32 : 32 + k]
+    w = _randn(n, k + 128, dtype=dtype, seed=63)[:, :k]
+    b = _randn(n, dtype=dtype, seed=64)
+    ref = gemv.gemv_ref(x, w, b)
+    for cfg in [gemv.GemvConfig(4, 2048, 4, 1, 1), gemv.GemvConfig(4, 1024, 4, 1, 2),
+                gemv.GemvConfig(2, 512, 4, 1, 4), gemv.GemvConfig(16, 256, 8, 3, 4)]:
+        _check_gemv(gemv.gemv(x, w, cfg, bias=b), ref, tol=1e-4 if dtype == torch.float32 else 1.6e-2)
+
+
+@pytest.fixture(scope="module")
+def gemv_tuned():
+    saved = gemv.tuned_table()
+    gemv.clear_table()
+    rows = gemv.tune(LLAMA_LINEAR, BF, DEV, m_values=(1, 2), reps=5)
+    yield rows
+    gemv.clear_table()
+    gemv.load_table(saved)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("n,k", LLAMA_LINEAR)
+def test_linear_after_tune(gemv_tuned, n, k, m):
+    row = next(r for r in gemv_tuned if r["shape"] == [m, n, k])
+    assert row["choice"] == "cublas" or row["us"] <= row["cublas_us"]
+    x = _randn(m, k, seed=65)
+    w = _randn(n, k, seed=66)
+    y = gemv.linear(x, w)
+    _check_gemv(y, gemv.gemv_ref(x, w), tol=2e-2)
+    cfg = gemv.choice(m, n, k, BF)
+    assert (cfg is None) == (row["choice"] == "cublas")
+    expected = F.linear(x, w) if cfg is None else gemv.gemv(x, w, cfg)
+    assert torch.equal(y, expected)
+    # x [B, T, K] views go the same way
+    y3 = gemv.linear(x.view(m, 1, k), w)
+    assert y3.shape == (m, 1, n) and torch.equal(y3.view(m, n), expected)
+
+
+def test_linear_fallbacks(gemv_tuned, monkeypatch):
+    n, k = 4096, 4096
+    tuned_row = [r for r in gemv.tuned_table() if r["shape"] == [1, n, k]]
+    gemv.load_table([dict(shape=[1, n, k], dtype="bfloat16", choice="n4k2048w4s1r1", us=1.0, gb_s=1.0,
+                          cublas_us=2.0)])
+    x = _randn(1, k, seed=67)
+    w = _randn(n, k, seed=68)
+    assert torch.equal(gemv.linear(x, w), gemv.gemv(x, w, gemv.GemvConfig(4, 2048, 4, 1, 1)))
+    monkeypatch.setenv("KILN_GEMV", "0")
+    assert torch.equal(gemv.linear(x, w), F.linear(x, w))
+    monkeypatch.delenv("KILN_GEMV")
+    # other dtypes, untuned M, and x with K strided all take F.linear
+    assert torch.equal(gemv.linear(x.half(), w.half()), F.linear(x.half(), w.half()))
+    x3 = _randn(3, k, seed=69)
+    assert torch.equal(gemv.linear(x3, w), F.linear(x3, w))
+    xs = _randn(1, 2 * k, seed=70)[:, ::2]
+    assert torch.equal(gemv.linear(xs, w), F.linear(xs, w))
+    gemv.load_table(tuned_row)
+
+
+def test_linear_cuda_graph(gemv_tuned):
+    """Capture ``linear`` for a tuned and an untuned shape, replay with new inputs."""
+    k = 4096
+    w_tuned = _randn(4096, k, seed=71)
+    w_other = _randn(1000, k, seed=72)
+    x = _randn(1, k, seed=73)
+    assert gemv.choice(1, 1000, k, BF) is None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            gemv.linear(x, w_tuned), gemv.linear(x, w_other)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_tuned = gemv.linear(x, w_tuned)
+        y_other = gemv.linear(x, w_other)
+    for seed in range(3):
+        x.copy_(_randn(1, k, seed=80 + seed))
+        graph.replay()
+        _check_gemv(y_tuned, gemv.gemv_ref(x, w_tuned), tol=2e-2)
+        _check_gemv(y_other, gemv.gemv_ref(x, w_other), tol=2e-2)

@@ -65,6 +65,8 @@ def assert_same(got, ref, hf=None):
         ("mixtral", dict(tp=2, ep=2)),
         ("qwen3_moe", dict(tp=2, ep=2)),
         ("qwen3_moe", dict(tp=2)),
+        ("mixtral", dict(tp=4, ep=2)),
+        ("qwen3_moe", dict(tp=4, ep=4)),
     ],
 )
 def test_layouts_equal_one_rank_and_transformers(arch, layout, checkpoints, tmp_path):
