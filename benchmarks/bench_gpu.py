@@ -97,7 +97,8 @@ def decode_ms_per_token(engine, prompt_len: int = 128, steps: int = 256) -> floa
 def decode_breakdown(engine) -> dict:
     """Where a batch-1 decode step's time goes: back-to-back graph replays (GPU only, no CPU
     between steps), and each weight's GEMV alone at M=1 (rotating inputs; summed over layers)."""
-    import torch.nn.functional as F
+
+    from kiln.kernels.gemv import linear
 
     runner = engine.executor.runner
     out = {}
@@ -122,11 +123,11 @@ def decode_breakdown(engine) -> dict:
     for (o, i), (w, count) in shapes.items():
         x = torch.randn(1, i, dtype=w.dtype, device="cuda")
         for _ in range(3):
-            F.linear(x, w)
+            linear(x, w)
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         for _ in range(20):
-            F.linear(x, w)
+            linear(x, w)
         e.record()
         torch.cuda.synchronize()
         ms = s.elapsed_time(e) / 20
@@ -152,17 +153,21 @@ def offline_throughput(engine, reqs) -> dict:
     t0 = time.perf_counter()
     decode_wall = decode_gpu = 0.0
     full_batch_wall = full_batch_gpu = 0.0
+    full_steps = 0
+    max_seqs = 0
     while engine.has_unfinished():
         runner.time_gpu = True
         ts = time.perf_counter()
         engine.step()
         wall = time.perf_counter() - ts
+        max_seqs = max(max_seqs, runner.last_step_seqs)
         if runner.last_step_decode_only:
             decode_wall += wall
             decode_gpu += runner.last_gpu_s
             if runner.last_step_seqs >= 256:
                 full_batch_wall += wall
                 full_batch_gpu += runner.last_gpu_s
+                full_steps += 1
     wall = time.perf_counter() - t0
     out_tokens = sum(m for _, m in reqs)
     return {
@@ -171,6 +176,8 @@ def offline_throughput(engine, reqs) -> dict:
         "wall_s": round(wall, 1),
         "gpu_busy_fraction": round(decode_gpu / decode_wall, 3) if decode_wall else None,
         "gpu_busy_fraction_batch256": round(full_batch_gpu / full_batch_wall, 3) if full_batch_wall else None,
+        "decode_steps_at_batch256": full_steps,
+        "max_batch": max_seqs,
         "preemptions": engine.stats()["preemptions"],
     }
 
@@ -304,6 +311,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--parts", default="abcd")
+    ap.add_argument("--policy", default="guaranteed_no_evict")
     a = ap.parse_args()
     from kiln.runtime.engine import LLMEngine
 
@@ -316,15 +324,23 @@ def main() -> None:
     if not set(a.parts) & set("abd"):
         return
     eng_dir = build(a.model, os.path.join(a.engines, f"{a.model}-bf16"), 256, 4096)
-    engine = LLMEngine(eng_dir)
+    t = time.time()
+    engine = LLMEngine(eng_dir, scheduler_policy=a.policy)
+    print(f"loaded in {time.time() - t:.1f} s (GEMV tuning and graph capture included)", flush=True)
     total, read = weight_bytes(engine)
     floor_ms = read / bw * 1000
-    settings = {"dtype": "bfloat16", "max_batch_size": 256, "cuda_graphs": engine.executor.runner.graphs is not None}
+    from kiln.kernels import gemv
+
+    settings = {"dtype": "bfloat16", "max_batch_size": 256, "cuda_graphs": engine.executor.runner.graphs is not None,
+                "async_scheduling": engine.async_scheduling, "scheduler_policy": engine.scheduler.policy,
+                "gpu_memory_utilization": float(os.environ.get("KILN_GPU_MEMORY_UTILIZATION", "0.9")),
+                "num_kv_blocks": engine.block_manager.num_blocks}
     if "a" in a.parts:
         ms = decode_ms_per_token(engine)
         m = {"decode_ms_per_token": round(ms, 3), "bandwidth_floor_ms": round(floor_ms, 3), "ratio_to_floor": round(ms / floor_ms, 3),
              "copy_bandwidth_gb_s": round(bw / 1e9, 1), "weight_bytes": total, "weight_bytes_read_per_step": read,
-             "step_gpu_ms": round(decode_ms_per_token.step_gpu_ms, 3), **decode_breakdown(engine)}
+             "step_gpu_ms": round(decode_ms_per_token.step_gpu_ms, 3), **decode_breakdown(engine),
+             "gemv_table": [{k: r.get(k) for k in ("shape", "choice", "us", "gb_s", "cublas_us")} for r in gemv.tuned_table()]}
         if base:
             m["baseline_decode_ms_per_token"] = base["baseline_decode_ms_per_token"]
             m["speedup_vs_baseline"] = round(base["baseline_decode_ms_per_token"] / ms, 2)

@@ -165,6 +165,8 @@ def load_local(
         verify_files(engine_dir, config, [n for n in config.files if not n.startswith("rank")])
     tokenizer = load_tokenizer(engine_dir, config)
     model = load_rank(engine_dir, config, Mapping(), dev, verify=verify)
+    if dev.type == "cuda" and not os.environ.get("KILN_EAGER"):
+        model.tune_linears()  # before the KV cache takes the free memory
     b = config.build
     mnt, mbs = _limits(config, max_num_tokens, max_batch_size)
     ls = model.ls

@@ -23,6 +23,7 @@ from torch import nn
 
 from kiln.kernels.activation import silu_and_mul
 from kiln.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from kiln.kernels.gemv import linear
 from kiln.kernels.moe import moe_forward, route
 from kiln.kernels.norm import add_rms_norm, rms_norm
 from kiln.kernels.rotary import apply_rotary, cos_sin_cache
@@ -98,7 +99,7 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, kv, meta: AttentionMetadata, rope_cache, comm):
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.nh, self.d)
         k = k.reshape(t, self.nkv, self.d)
@@ -110,7 +111,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return comm.all_reduce(F.linear(o.reshape(t, self.q_size), self.o_proj.weight))
+        return comm.all_reduce(linear(o.reshape(t, self.q_size), self.o_proj.weight))
 
 
 class MLP(nn.Module):
@@ -122,8 +123,8 @@ class MLP(nn.Module):
         self.down_proj.weight = _param(cfg.hidden_size, ls.intermediate, dtype=dtype, device=device)
 
     def forward(self, x, comm):
-        h = silu_and_mul(F.linear(x, self.gate_up_proj.weight))
-        return comm.all_reduce(F.linear(h, self.down_proj.weight))
+        h = silu_and_mul(linear(x, self.gate_up_proj.weight))
+        return comm.all_reduce(linear(h, self.down_proj.weight))
 
 
 class MoE(nn.Module):
@@ -237,6 +238,23 @@ class DecoderModel(nn.Module):
             persistent=False,
         )
 
+    def tune_linears(self, m_values=(1, 2)) -> list[dict]:
+        """On a GPU, picks the fastest kernel (Triton GEMV or cuBLAS) for each projection's shape at
+        the decode batch sizes ``m_values`` (``kiln.kernels.gemv``); KILN_GEMV=0 skips it."""
+        from kiln.kernels import gemv, triton_ops
+
+        dev = next(self.parameters()).device
+        if dev.type != "cuda" or not triton_ops.available() or not gemv._enabled():
+            return []
+        names = ("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight", "down_proj.weight", "lm_head.weight")
+        shapes = sorted({tuple(p.shape) for n, p in self.named_parameters() if p.dim() == 2 and n.endswith(names)})
+        dt = str(self.dtype).removeprefix("torch.")
+        done = {tuple(r["shape"]) for r in gemv.tuned_table() if r.get("dtype") == dt}
+        todo = [s for s in shapes if any((m, *s) not in done for m in m_values)]
+        rows = gemv.tune(todo, dtype=self.dtype, device=dev, m_values=m_values) if todo else []
+        torch.cuda.empty_cache()
+        return rows
+
     def engine_state_names(self) -> set[str]:
         """The tensor names this rank's weights file must hold (a tied LM head is stored once)."""
         return {n for n, _ in self.named_parameters()}
@@ -282,7 +300,7 @@ class DecoderModel(nn.Module):
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """Greedy next tokens [N] without gathering the vocabulary: each tensor-parallel rank
         finds the best token of its vocabulary slice, and only (value, index) pairs are gathered."""
-        local = F.linear(hidden, self.lm_head.weight).float()
+        local = linear(hidden, self.lm_head.weight).float()
         first = self.ls.vocab_start
         valid = self.cfg.vocab_size - first
         if valid < local.shape[-1]:
@@ -297,7 +315,7 @@ class DecoderModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of the given final hidden states (gathered across tp)."""
-        logits = F.linear(hidden, self.lm_head.weight).float()
+        logits = linear(hidden, self.lm_head.weight).float()
         if self.mapping.tp > 1:
             logits = self.comm.all_gather_last(logits)
         return logits[..., : self.cfg.vocab_size]

@@ -82,6 +82,8 @@ class Worker:
         self.comm = DistComm(self.mapping, groups)
         self.control = ControlPlane(groups.control, rank)
         self.model = load_rank(engine_dir, self.config, self.mapping, dev, comm=self.comm, verify=verify)
+        if dev.type == "cuda" and not os.environ.get("KILN_EAGER"):
+            self.model.tune_linears()  # before the KV cache takes the free memory
         self.runner: ModelRunner | None = None
 
     @property
