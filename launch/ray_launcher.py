@@ -14,7 +14,9 @@ replica as a ``LoadedEngine`` for code that wants a plain ``LLMEngine``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import secrets
 import socket
 import threading
@@ -57,14 +59,79 @@ def connect_ray(topology: Topology):
     return ray
 
 
+def _ray_descendants() -> list[int]:
+    """Pids of this process's descendants that belong to Ray (Linux /proc; empty elsewhere)."""
+    parent: dict[int, int] = {}
+    try:
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    pass
+    except OSError:
+        return []
+    found, frontier = [], [os.getpid()]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found.extend(kids)
+        frontier.extend(kids)
+    out = []
+    for pid in found:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"ray" in cmd:
+            out.append(pid)
+    return out
+
+
+def _reap(pids: list[int], timeout: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``, whichever of ``pids`` still run."""
+    import signal
+
+    def alive(p: int) -> bool:
+        try:
+            os.kill(p, 0)
+        except OSError:
+            return False
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return True
+
+    left = [p for p in pids if alive(p)]
+    for p in left:
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGTERM)
+    end = time.monotonic() + timeout
+    while left and time.monotonic() < end:
+        time.sleep(0.1)
+        left = [p for p in left if alive(p)]
+    for p in left:
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+
+
 def shutdown_ray() -> None:
-    """Stops the local Ray cluster if this process started it (connections to others just close)."""
+    """Stops the local Ray cluster if this process started it (connections to others just close).
+    Ray's agents (dashboard agent, runtime-env agent) can outlive ``ray.shutdown()``: whatever
+    of the cluster this process started is still running afterwards is terminated."""
     global _started_here
     import ray
 
     with _ray_lock:
+        started = _started_here
+        pids = _ray_descendants() if started else []
         if ray.is_initialized():
             ray.shutdown()
+        if pids:
+            _reap(pids)
         _started_here = False
 
 

@@ -582,6 +582,18 @@ def serve(args) -> int:
     aliases = [os.path.basename(os.path.normpath(args.engine)), args.engine]
     app = build_app(None, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                     request_timeout=args.request_timeout, aliases=aliases)
+    topology = None
+    if getattr(args, "launcher", "local") == "ray":
+        # Ray starts here, in the main thread, before the server installs its signal handlers: Ray's
+        # driver installs a crash handler for SIGTERM that would otherwise abort the process a few
+        # seconds into the drain, before the cluster it started is stopped.
+        from kiln.launch.ray_launcher import connect_ray
+        from kiln.launch.topology import resolve_topology
+        from kiln.runtime.builder import read_engine_config
+
+        cfg = read_engine_config(args.engine)
+        topology = resolve_topology(getattr(args, "topology_spec", None) or args.topology, cfg.build, cfg.device_class)
+        connect_ray(topology)
     sock = _bind(args.host, args.port)
     server = make_server(app, args.host, args.port, args.grace_period)
     failure: list[BaseException] = []
@@ -592,8 +604,7 @@ def serve(args) -> int:
             if getattr(args, "launcher", "local") == "ray":
                 from kiln.launch.ray_launcher import cluster_async_engine, make_ray_engine
 
-                engine = make_ray_engine(args.engine, getattr(args, "topology_spec", None) or args.topology,
-                                         device=args.device, num_kv_blocks=args.num_kv_blocks)
+                engine = make_ray_engine(args.engine, topology, device=args.device, num_kv_blocks=args.num_kv_blocks)
                 ae = cluster_async_engine(engine, max_waiting=args.max_queue)
             else:
                 engine = LLMEngine(args.engine, device=args.device, num_kv_blocks=args.num_kv_blocks)

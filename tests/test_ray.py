@@ -206,3 +206,74 @@ def test_client_handles_against_server(dp2, ref):
             assert full.outputs[0].text == ref["text"] == last.outputs[0].text
     finally:
         ae.shutdown()
+
+
+def _descendants(pid: int) -> set[int]:
+    parent = {}
+    for d in __import__("os").listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, frontier = set(), [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out.update(kids)
+        frontier.extend(kids)
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_serve_with_ray_drains_on_sigterm_and_stops_its_cluster(engine):
+    """`kiln serve --launcher ray`: answers, then SIGTERM drains, the process exits 0 within the grace
+    period, and no process of the Ray cluster it started (agents included) outlives it."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from kiln.runtime.worker import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.launch.cli", "serve", engine, "--launcher", "ray", "--topology", TOPO,
+                             "--port", str(port), "--grace-period", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become healthy"
+            time.sleep(0.5)
+        r = httpx.post(url + "/v1/completions", json={"model": "tp2", "prompt": PROMPTS[0], "max_tokens": 10,
+                                                       "temperature": 0.0, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        tree = _descendants(proc.pid)
+        assert any(b"ray::" in open(f"/proc/{p}/cmdline", "rb").read() for p in tree if _running(p))  # actors and agents
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=40)
+        assert rc == 0, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() - t0 < 25
+        time.sleep(0.5)
+        left = [p for p in tree if _running(p)]
+        assert not left, [open(f"/proc/{p}/cmdline", "rb").read()[:80] for p in left]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
