@@ -143,6 +143,24 @@ def workload(n: int, seed: int = 0):
     return [([rng.randrange(1000, 30000) for _ in range(rng.randint(128, 2048))], rng.randint(128, 1024)) for _ in range(n)]
 
 
+def busy_fraction(spans, min_seqs: int = 0) -> tuple[float | None, int]:
+    """GPU busy share of decode, from device events alone: over each decode-only step that follows
+    another step, its GPU time against that time plus the idle gap since the previous step ended.
+    Returns (fraction, steps counted); only steps of at least ``min_seqs`` sequences count."""
+    busy = total = 0.0
+    n = 0
+    for prev, cur in zip(spans, spans[1:]):
+        decode, seqs, start, end = cur
+        if not decode or seqs < min_seqs:
+            continue
+        run = start.elapsed_time(end)
+        gap = max(0.0, prev[3].elapsed_time(start))
+        busy += run
+        total += run + gap
+        n += 1
+    return (round(busy / total, 3) if total else None), n
+
+
 def offline_throughput(engine, reqs) -> dict:
     from kiln.runtime.sampling_params import SamplingParams
 
@@ -150,34 +168,27 @@ def offline_throughput(engine, reqs) -> dict:
     for i, (p, m) in enumerate(reqs):
         engine.add_request(f"o{i}", p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True))
     torch.cuda.synchronize()
+    runner.time_gpu = True
+    runner.gpu_spans.clear()
     t0 = time.perf_counter()
-    decode_wall = decode_gpu = 0.0
-    full_batch_wall = full_batch_gpu = 0.0
-    full_steps = 0
-    max_seqs = 0
     while engine.has_unfinished():
-        runner.time_gpu = True
-        ts = time.perf_counter()
         engine.step()
-        wall = time.perf_counter() - ts
-        max_seqs = max(max_seqs, runner.last_step_seqs)
-        if runner.last_step_decode_only:
-            decode_wall += wall
-            decode_gpu += runner.last_gpu_s
-            if runner.last_step_seqs >= 256:
-                full_batch_wall += wall
-                full_batch_gpu += runner.last_gpu_s
-                full_steps += 1
     wall = time.perf_counter() - t0
+    runner.time_gpu = False
+    torch.cuda.synchronize()
+    spans = runner.gpu_spans
+    busy, n_decode = busy_fraction(spans)
+    busy256, n256 = busy_fraction(spans, 256)
     out_tokens = sum(m for _, m in reqs)
     return {
         "output_tokens_per_s": round(out_tokens / wall, 1),
         "total_tokens_per_s": round((out_tokens + sum(len(p) for p, _ in reqs)) / wall, 1),
         "wall_s": round(wall, 1),
-        "gpu_busy_fraction": round(decode_gpu / decode_wall, 3) if decode_wall else None,
-        "gpu_busy_fraction_batch256": round(full_batch_gpu / full_batch_wall, 3) if full_batch_wall else None,
-        "decode_steps_at_batch256": full_steps,
-        "max_batch": max_seqs,
+        "gpu_busy_fraction": busy,
+        "decode_steps": n_decode,
+        "gpu_busy_fraction_batch256": busy256,
+        "decode_steps_at_batch256": n256,
+        "max_batch": max((s[1] for s in spans), default=0),
         "preemptions": engine.stats()["preemptions"],
     }
 

@@ -53,6 +53,7 @@ class ModelRunner:
         # kernel (CUDA events) in last_gpu_s.
         self.time_gpu = False
         self.last_gpu_s = 0.0
+        self.gpu_spans: list[tuple[bool, int, object, object]] = []  # (decode only, seqs, start, end event) per timed step
         self.last_step_decode_only = False
         self.last_step_seqs = 0
         self.seqs: dict[int, SeqState] = {}
@@ -322,6 +323,7 @@ class ModelRunner:
             self._prev_rows = {}
         if ev is not None:
             ev[1].record()
+            self.gpu_spans.append((self.last_step_decode_only, self.last_step_seqs, ev[0], ev[1]))
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
