@@ -100,7 +100,7 @@ class EngineWorkerActor:
                 device_id=torch.device("cuda", 0) if dev.type == "cuda" else None,
             )
         self.worker = Worker(self.engine_dir, self.rank, self.world_size, master_addr, master_port,
-                             self.device, local_rank=0 if dev.type == "cuda" else None)
+                             self.device, local_rank=0 if dev.type == "cuda" else None, timeout_s=timeout_s)
         self.state = "loaded"
         return os.getpid()
 

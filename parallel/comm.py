@@ -33,28 +33,30 @@ class Groups:
 def init_distributed(mapping: Mapping, master_addr: str | None, master_port: int | None, device: torch.device,
                      timeout_s: float = 600) -> Groups:
     """``master_port=None`` joins through the environment (torchrun's store); otherwise through
-    a TCP store that rank 0 opens at ``master_addr:master_port``."""
+    a TCP store that rank 0 opens at ``master_addr:master_port``. Every group (tp, pp, ep,
+    control) gets ``timeout_s``: torch's subgroups would otherwise keep its 10- or 30-minute default."""
     import datetime
 
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
             init_method="env://" if master_port is None else f"tcp://{master_addr}:{master_port}",
             rank=mapping.rank,
             world_size=mapping.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     tp_group = pp_group = None
     for s in range(mapping.pp):
         ranks = mapping.for_rank(s * mapping.tp).tp_group_ranks()
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if mapping.rank in ranks:
             tp_group = g
     for t in range(mapping.tp):
         ranks = mapping.for_rank(t).pp_group_ranks()
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if mapping.rank in ranks:
             pp_group = g
     ep_group = moe_tp_group = None
@@ -64,16 +66,16 @@ def init_distributed(mapping: Mapping, master_addr: str | None, master_port: int
         for s in range(mapping.pp):
             for j in range(mapping.moe_tp):
                 ranks = mapping.for_rank(s * mapping.tp + j).ep_group_ranks()
-                g = dist.new_group(ranks)
+                g = dist.new_group(ranks, timeout=timeout)
                 if mapping.rank in ranks:
                     ep_group = g
         for s in range(mapping.pp):
             for e in range(mapping.ep):
                 ranks = mapping.for_rank(s * mapping.tp + e * mapping.moe_tp).moe_tp_group_ranks()
-                g = dist.new_group(ranks)
+                g = dist.new_group(ranks, timeout=timeout)
                 if mapping.rank in ranks:
                     moe_tp_group = g
-    control = dist.new_group(list(range(mapping.world_size)), backend="gloo") if backend != "gloo" else dist.group.WORLD
+    control = dist.new_group(list(range(mapping.world_size)), backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     return Groups(tp_group, pp_group, control, ep_group, moe_tp_group)
 
 

@@ -62,7 +62,7 @@ class Worker:
     """One rank: joins the process group and loads only this rank's weights file."""
 
     def __init__(self, engine_dir: str, rank: int, world_size: int, master_addr: str | None, master_port: int | None,
-                 device: str | None = None, local_rank: int | None = None, verify: bool = True):
+                 device: str | None = None, local_rank: int | None = None, verify: bool = True, timeout_s: float = 600):
         from kiln.runtime.loader import EngineLoadError, load_rank, resolve_device
 
         self.config = read_engine_config(engine_dir)
@@ -78,7 +78,7 @@ class Worker:
             torch.cuda.set_device(dev)
         self.device = dev
         self.mapping = Mapping(tp=b.tp, pp=b.pp, ep=b.ep, rank=rank)
-        groups = init_distributed(self.mapping, master_addr, master_port, dev)
+        groups = init_distributed(self.mapping, master_addr, master_port, dev, timeout_s=timeout_s)
         self.comm = DistComm(self.mapping, groups)
         self.control = ControlPlane(groups.control, rank)
         self.model = load_rank(engine_dir, self.config, self.mapping, dev, comm=self.comm, verify=verify)

@@ -138,3 +138,20 @@ def test_llama_3_70b_tp8_partition_sizes():
     total = sum(numel(s) * 2 for s, _ in full.values())
     assert abs(sizes[0] - total / 8) / (total / 8) < 0.001
     print(f"llama-3-70b tp=8: {sizes[0] / 2**30:.2f} GiB per rank, {total / 2**30:.1f} GiB in all")
+
+
+def test_every_group_gets_the_configured_timeout():
+    """torch's subgroups default to a 30-minute (gloo) or 10-minute (NCCL) timeout; kiln's groups
+    all take the one they are given, so a hung rank surfaces within it. Run in a child process:
+    it initialises torch.distributed."""
+    code = (
+        "import torch\n"
+        "from kiln.parallel.mapping import Mapping\n"
+        "from kiln.parallel.comm import init_distributed\n"
+        "from kiln.runtime.worker import free_port\n"
+        "g = init_distributed(Mapping(tp=1, pp=1, rank=0), '127.0.0.1', free_port(), torch.device('cpu'), timeout_s=7)\n"
+        "print([grp._get_backend(torch.device('cpu')).options._timeout.total_seconds() for grp in (g.tp, g.pp, g.control)])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[7.0, 7.0, 7.0]"
