@@ -41,6 +41,7 @@ def _add_build(sub) -> None:
     p.add_argument("--tokens-per-block", type=int, default=16)
     p.add_argument("--random-weights", action="store_true", help="draw weights at build time")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    p.add_argument("--ranks", default=None, help="build only these ranks' files, e.g. 0-3 or 0,2 (parts merge into one --output)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -63,8 +64,24 @@ def cmd_build(a) -> int:
         raise CLIError(_pydantic_line(e)) from None
     if a.max_num_tokens < build.tokens_per_block:
         raise CLIError(f"invalid --max-num-tokens: must be at least --tokens-per-block ({build.tokens_per_block})")
-    build_engine(a.model, a.output, build, random_weights=a.random_weights, seed=a.seed, device_class=device, progress=not a.quiet)
+    ranks = _parse_ranks(a.ranks) if a.ranks is not None else None
+    build_engine(a.model, a.output, build, random_weights=a.random_weights, seed=a.seed, device_class=device, progress=not a.quiet,
+                 ranks=ranks)
     return 0
+
+
+def _parse_ranks(text: str) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6]."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            a, _, b = part.strip().partition("-")
+            out.extend(range(int(a), int(b) + 1) if b else [int(a)])
+    except ValueError:
+        raise CLIError(f"invalid --ranks {text!r}: give ranks like 0-3 or 0,2") from None
+    if not out:
+        raise CLIError("invalid --ranks: no rank given")
+    return out
 
 
 def _add_generate(sub) -> None:

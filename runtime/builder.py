@@ -3,12 +3,19 @@
 The builder streams the checkpoint tensor by tensor: each engine tensor is cut for every rank
 that holds it (``kiln.parallel.partition``), cast, and appended to that rank's safetensors file
 at once, so host memory holds about one checkpoint tensor and its slices, never the model.
+
+``ranks`` builds only some ranks' files (one node's share of a multi-node engine, or a large
+engine in parts where the disk holds a few ranks at a time). Parts built into one directory with
+the same model and build settings merge: engine.json gathers every part's checksums, and the
+engine loads once all ranks are there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import shutil
 import time
 
@@ -72,8 +79,9 @@ def build_engine(
     device_class: str | None = None,
     progress: bool = True,
     reader: CheckpointReader | None = None,
+    ranks: list[int] | None = None,
 ) -> str:
-    """Builds an engine directory and returns its path."""
+    """Builds an engine directory (or, with ``ranks``, those ranks' part of it) and returns its path."""
     t0 = time.time()
     if reader is None:
         # Random weights are drawn in the build dtype, on the GPU when there is one: one tensor at a time.
@@ -84,21 +92,40 @@ def build_engine(
         build = build.model_copy(update={"max_seq_len": cfg.max_position_embeddings})
     _check_fits(cfg, build)
     out = output or default_output_dir(model, build)
+    world = build.world_size
+    todo = list(range(world)) if ranks is None else sorted(set(int(r) for r in ranks))
+    if not todo or todo[0] < 0 or todo[-1] >= world:
+        raise BuildError(f"--ranks must name ranks in 0..{world - 1} (world size {world}), got {ranks}")
+    merge_from: EngineConfig | None = None
     if os.path.exists(out) and os.listdir(out):
         if not os.path.exists(os.path.join(out, "engine.json")):
             raise BuildError(f"output directory '{out}' exists and is not an engine: choose another --output")
-        shutil.rmtree(out)
+        if ranks is not None:
+            old = read_engine_config(out)
+            if old.model.model_copy(update={"eos_token_id": cfg.eos_token_id}) != cfg or old.build != build:
+                raise BuildError(f"output directory '{out}' holds an engine with other settings: build its parts with the same "
+                                 "model and flags, or choose another --output")
+            merge_from = old
+        else:
+            shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
 
     dtype = TORCH_DTYPES[build.dtype]
-    world = build.world_size
-    mappings = [Mapping(tp=build.tp, pp=build.pp, ep=build.ep, rank=r) for r in range(world)]
-    layouts = [rank_layout(cfg, m, dtype) for m in mappings]
     rank_files = [f"rank{r}.safetensors" for r in range(world)]
+    mappings = [Mapping(tp=build.tp, pp=build.pp, ep=build.ep, rank=r) for r in todo]
+    layouts = [rank_layout(cfg, m, dtype) for m in mappings]
     writers = [
-        StreamingSafetensorsWriter(os.path.join(out, f), lay, {"rank": str(r), "world_size": str(world)})
-        for r, (f, lay) in enumerate(zip(rank_files, layouts))
+        StreamingSafetensorsWriter(os.path.join(out, rank_files[r]), lay, {"rank": str(r), "world_size": str(world)})
+        for r, lay in zip(todo, layouts)
     ]
+
+    def discard() -> None:
+        if merge_from is None:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for r in todo:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(out, rank_files[r]))
     order: list[str] = []
     for lay in layouts:
         order.extend(n for n in lay if n not in order)
@@ -118,9 +145,10 @@ def build_engine(
                 if name in lay:
                     w.write(name, rank_slice(name, fetch, cfg, m).to(dtype))
             cache.clear()
-        digests = {f: w.close() for f, w in zip(rank_files, writers)}
+        digests = {f: c for f, c in (merge_from.files.items() if merge_from else ()) if f.startswith("rank")}
+        digests.update({rank_files[r]: w.close() for r, w in zip(todo, writers)})
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        discard()
         raise
     finally:
         bar.close()
@@ -128,7 +156,7 @@ def build_engine(
     try:
         tok_info = reader.save_tokenizer(os.path.join(out, "tokenizer"))
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        discard()
         raise
     for root, _, files in os.walk(os.path.join(out, "tokenizer")):
         for f in sorted(files):
@@ -152,9 +180,17 @@ def build_engine(
     with open(os.path.join(out, "engine.json"), "w") as f:
         f.write(engine.model_dump_json(indent=2))
     if progress:
-        size = sum(os.path.getsize(os.path.join(out, f)) for f in rank_files)
-        print(f"built {out}: {world} rank file(s), {size / 2**20:.1f} MiB, in {time.time() - t0:.1f} s")
+        size = sum(os.path.getsize(os.path.join(out, rank_files[r])) for r in todo)
+        part = "" if ranks is None else f" (ranks {','.join(map(str, todo))} of {world}; {sum(f in digests for f in rank_files)} built so far)"
+        print(f"built {out}: {len(todo)} rank file(s){part}, {size / 2**20:.1f} MiB, in {time.time() - t0:.1f} s; "
+              f"peak host memory {peak_host_memory() / 2**30:.2f} GiB")
     return out
+
+
+def peak_host_memory() -> int:
+    """This process's peak resident memory in bytes (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if os.uname().sysname == "Darwin" else peak * 1024
 
 
 def read_engine_config(engine_dir: str) -> EngineConfig:

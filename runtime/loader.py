@@ -52,11 +52,22 @@ def verify_files(engine_dir: str, config: EngineConfig, names: list[str]) -> Non
         path = os.path.join(engine_dir, name)
         want = config.files.get(name)
         if want is None:
-            raise EngineLoadError(f"engine.json lists no checksum for '{name}': the engine is incomplete; rebuild it")
+            hint = " (built in parts with --ranks: build the missing ranks into it)" if name.startswith("rank") else ""
+            raise EngineLoadError(f"engine.json lists no checksum for '{name}': the engine is incomplete{hint}; rebuild it")
         if not os.path.exists(path):
             raise EngineLoadError(f"engine file '{name}' is missing from {engine_dir}: rebuild the engine")
         if sha256_file(path) != want:
             raise EngineLoadError(f"engine file '{name}' fails its sha256 checksum: the engine is corrupt; rebuild it")
+
+
+def check_complete(engine_dir: str, config: EngineConfig) -> None:
+    """Every rank's file is listed with a checksum and present (not verified: each rank does that)."""
+    for name in config.rank_files:
+        if name not in config.files:
+            raise EngineLoadError(f"engine.json lists no checksum for '{name}': the engine is incomplete (built in parts "
+                                  "with --ranks: build the missing ranks into it); rebuild it")
+        if not os.path.exists(os.path.join(engine_dir, name)):
+            raise EngineLoadError(f"engine file '{name}' is missing from {engine_dir}: rebuild the engine")
 
 
 def load_tokenizer(engine_dir: str, config: EngineConfig):
@@ -122,6 +133,7 @@ def load_distributed(
 
     config = read_engine_config(engine_dir)
     resolve_device(config, device)
+    check_complete(engine_dir, config)
     if verify:
         verify_files(engine_dir, config, [n for n in config.files if not n.startswith("rank")])
     tokenizer = load_tokenizer(engine_dir, config)

@@ -155,3 +155,32 @@ def test_every_group_gets_the_configured_timeout():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[7.0, 7.0, 7.0]"
+
+
+def test_build_in_parts_equals_whole_build(checkpoints, tmp_path):
+    """--ranks builds some ranks' files; parts built into one directory merge into the engine a
+    whole build gives (same bytes), which loads only once every rank is there."""
+    from kiln.runtime.builder import BuildError, build_engine, read_engine_config
+    from kiln.runtime.config import BuildConfig
+    from kiln.runtime.loader import EngineLoadError
+
+    src = checkpoints["llama"][0]
+    bc = BuildConfig(dtype="float32", max_seq_len=256, tp=2, pp=2)
+    whole = build_engine(src, str(tmp_path / "whole"), bc, device_class="cpu", progress=False)
+    parts = str(tmp_path / "parts")
+    build_engine(src, parts, bc, device_class="cpu", progress=False, ranks=[0, 3])
+    with pytest.raises(EngineLoadError, match="incomplete.*--ranks"):
+        LLM(parts)
+    with pytest.raises(BuildError, match="other settings"):
+        build_engine(src, parts, BuildConfig(dtype="float32", max_seq_len=128, tp=2, pp=2), device_class="cpu", progress=False, ranks=[1])
+    with pytest.raises(BuildError, match="0..3"):
+        build_engine(src, parts, bc, device_class="cpu", progress=False, ranks=[4])
+    build_engine(src, parts, bc, device_class="cpu", progress=False, ranks=[1, 2])
+    a, b = read_engine_config(whole), read_engine_config(parts)
+    assert a.files == b.files  # every rank file and tokenizer file, byte for byte
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    got = []
+    for eng in (whole, parts):  # one multi-rank engine at a time in this process
+        with LLM(eng) as llm:
+            got.append([o.outputs[0].token_ids for o in llm.generate([[5, 6, 7, 8]], sp)])
+    assert got[0] == got[1]
