@@ -176,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_build(sub)
     _add_generate(sub)
     _add_serve(sub)
-    from kiln.launch import bench_cli
+    from kiln.launch import bench_cli, plan
 
     bench_cli.add_parser(sub)
+    plan.add_parser(sub)
     a = parser.parse_args(argv)
-    handlers = {"build": cmd_build, "generate": cmd_generate, "serve": cmd_serve, "bench": bench_cli.run}
+    handlers = {"build": cmd_build, "generate": cmd_generate, "serve": cmd_serve, "bench": bench_cli.run, "plan": plan.cmd_plan}
     try:
         return handlers[a.command](a)
     except KeyboardInterrupt:
