@@ -69,18 +69,9 @@ def time_eager(fn, iters=30, warmup=3) -> float:
 
 def time_graph(fns, iters=30) -> float:
     """Milliseconds per call of the callables in ``fns``, captured once each into one graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    graph.replay()
-    return _events_ms(graph.replay, iters) / len(fns)
+    from kiln.kernels.gemv import _time_calls
+
+    return _time_calls(fns, iters) / 1000
 
 
 def copy_bandwidth() -> float:

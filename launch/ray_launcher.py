@@ -59,27 +59,33 @@ def connect_ray(topology: Topology):
     return ray
 
 
-def _ray_descendants() -> list[int]:
-    """Pids of this process's descendants that belong to Ray (Linux /proc; empty elsewhere)."""
+def descendants(pid: int) -> list[int]:
+    """Pids of ``pid``'s descendants (Linux /proc; empty elsewhere)."""
     parent: dict[int, int] = {}
     try:
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    with open(f"/proc/{d}/stat") as f:
-                        parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    pass
+        names = os.listdir("/proc")
     except OSError:
         return []
-    found, frontier = [], [os.getpid()]
+    for d in names:
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = [], [pid]
     while frontier:
         p = frontier.pop()
         kids = [c for c, pp in parent.items() if pp == p]
         found.extend(kids)
         frontier.extend(kids)
+    return found
+
+
+def _ray_descendants() -> list[int]:
+    """This process's descendants that belong to Ray."""
     out = []
-    for pid in found:
+    for pid in descendants(os.getpid()):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read()

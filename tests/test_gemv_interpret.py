@@ -11,9 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,12 +33,9 @@ if INTERPRET:
 
 @pytest.mark.skipif(INTERPRET, reason="already in the interpreter process")
 def test_interpreter_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    from test_kernels_interpret import run_in_interpreter
+
+    run_in_interpreter(__file__)
 
 
 BF = torch.bfloat16

@@ -72,14 +72,19 @@ if INTERPRET:
     from kiln.kernels import triton_ops as ops
 
 
-@pytest.mark.skipif(INTERPRET, reason="already in the interpreter process")
-def test_interpreter_suite():
+def run_in_interpreter(test_file: str) -> None:
+    """Runs a test file's kernel tests in a child process with TRITON_INTERPRET=1."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(test_file))],
+        cwd=Path(test_file).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(INTERPRET, reason="already in the interpreter process")
+def test_interpreter_suite():
+    run_in_interpreter(__file__)
 
 
 BF = torch.bfloat16

@@ -208,24 +208,6 @@ def test_client_handles_against_server(dp2, ref):
         ae.shutdown()
 
 
-def _descendants(pid: int) -> set[int]:
-    parent = {}
-    for d in __import__("os").listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, frontier = set(), [pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out.update(kids)
-        frontier.extend(kids)
-    return out
-
-
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -264,7 +246,9 @@ def test_serve_with_ray_drains_on_sigterm_and_stops_its_cluster(engine):
         r = httpx.post(url + "/v1/completions", json={"model": "tp2", "prompt": PROMPTS[0], "max_tokens": 10,
                                                        "temperature": 0.0, "ignore_eos": True}, timeout=60)
         assert r.status_code == 200, r.text
-        tree = _descendants(proc.pid)
+        from kiln.launch.ray_launcher import descendants
+
+        tree = set(descendants(proc.pid))
         assert any(b"ray::" in open(f"/proc/{p}/cmdline", "rb").read() for p in tree if _running(p))  # actors and agents
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
