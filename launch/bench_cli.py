@@ -13,6 +13,8 @@ BENCHMARKS = {
     "serving": "bench_serving.py",
     "gpu": "bench_gpu.py",
     "coordinator": "bench_coordinator.py",
+    "tp": "bench_tp.py",
+    "build-parts": "bench_build_parts.py",
 }
 
 
