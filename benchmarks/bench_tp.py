@@ -43,8 +43,9 @@ def step_ms(engine, batch: int, steps: int, prompt_len: int = 128) -> float:
     sp = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"b{batch}-{i}", [rng.randrange(1000, 30000) for _ in range(prompt_len)], sp)
-    while engine.scheduler.waiting or any(s.num_computed < s.num_prompt for s in engine.scheduler.running):
-        engine.step()
+    started: set[str] = set()
+    while len(started) < batch:  # every prompt prefilled: each request has its first token
+        started.update(o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids)
     for _ in range(4):
         engine.step()
     if torch.cuda.is_available():
@@ -53,9 +54,10 @@ def step_ms(engine, batch: int, steps: int, prompt_len: int = 128) -> float:
     for _ in range(steps):
         engine.step()
     ms = (time.perf_counter() - t) / steps * 1000
-    for rid in list(engine.requests):
-        engine.abort_request(rid)
-    engine.step()
+    for i in range(batch):
+        engine.abort_request(f"b{batch}-{i}")
+    while engine.has_unfinished():
+        engine.step()
     return ms
 
 
