@@ -15,6 +15,7 @@ BENCHMARKS = {
     "coordinator": "bench_coordinator.py",
     "tp": "bench_tp.py",
     "build-parts": "bench_build_parts.py",
+    "cluster": "bench_cluster.py",
 }
 
 
