@@ -41,6 +41,8 @@ def _add_build(sub) -> None:
     p.add_argument("--tokens-per-block", type=int, default=16)
     p.add_argument("--random-weights", action="store_true", help="draw weights at build time")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    p.add_argument("--weights-at-load", action="store_true",
+                   help="with --random-weights: write no weight files; each rank draws its weights at load (engines larger than the disk)")
     p.add_argument("--ranks", default=None, help="build only these ranks' files, e.g. 0-3 or 0,2 (parts merge into one --output)")
     p.add_argument("--quiet", action="store_true")
 
@@ -66,7 +68,7 @@ def cmd_build(a) -> int:
         raise CLIError(f"invalid --max-num-tokens: must be at least --tokens-per-block ({build.tokens_per_block})")
     ranks = _parse_ranks(a.ranks) if a.ranks is not None else None
     build_engine(a.model, a.output, build, random_weights=a.random_weights, seed=a.seed, device_class=device, progress=not a.quiet,
-                 ranks=ranks)
+                 ranks=ranks, weights_at_load=a.weights_at_load)
     return 0
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import kiln
 from kiln.parallel.mapping import Mapping
 from kiln.parallel.partition import rank_slice
-from kiln.runtime.checkpoint import CheckpointReader, open_checkpoint
+from kiln.runtime.checkpoint import CheckpointReader, RandomReader, open_checkpoint
 from kiln.runtime.config import BuildConfig, EngineConfig, ModelConfig
 from kiln.runtime.model import DecoderModel
 from kiln.runtime.safetensors_stream import StreamingSafetensorsWriter, sha256_file
@@ -80,14 +80,21 @@ def build_engine(
     progress: bool = True,
     reader: CheckpointReader | None = None,
     ranks: list[int] | None = None,
+    weights_at_load: bool = False,
 ) -> str:
     """Builds an engine directory (or, with ``ranks``, those ranks' part of it) and returns its path."""
     t0 = time.time()
+    if weights_at_load and not random_weights and reader is None:
+        raise BuildError("--weights-at-load needs --random-weights: only random weights can be drawn at load")
+    if weights_at_load and ranks is not None:
+        raise BuildError("--weights-at-load writes no rank files: drop --ranks")
     if reader is None:
         # Random weights are drawn in the build dtype, on the GPU when there is one: one tensor at a time.
         gen_device = "cuda" if (random_weights and torch.cuda.is_available() and device_class != "cpu") else "cpu"
         reader = open_checkpoint(model, random_weights=random_weights, seed=seed, dtype=TORCH_DTYPES[build.dtype], device=gen_device)
     cfg = reader.config
+    if weights_at_load and not isinstance(reader, RandomReader):
+        raise BuildError("--weights-at-load needs --random-weights: only random weights can be drawn at load")
     if build.max_seq_len > cfg.max_position_embeddings:
         build = build.model_copy(update={"max_seq_len": cfg.max_position_embeddings})
     _check_fits(cfg, build)
@@ -114,6 +121,8 @@ def build_engine(
     rank_files = [f"rank{r}.safetensors" for r in range(world)]
     mappings = [Mapping(tp=build.tp, pp=build.pp, ep=build.ep, rank=r) for r in todo]
     layouts = [rank_layout(cfg, m, dtype) for m in mappings]
+    if weights_at_load:  # engine.json and the tokenizer only; each rank draws its weights at load
+        todo, mappings, layouts = [], [], []
     writers = [
         StreamingSafetensorsWriter(os.path.join(out, rank_files[r]), lay, {"rank": str(r), "world_size": str(world)})
         for r, lay in zip(todo, layouts)
@@ -176,11 +185,15 @@ def build_engine(
         tokenizer=tok_info,
         files=digests,
         source=reader.source,
+        random_weights_seed=seed if weights_at_load else None,
     )
     with open(os.path.join(out, "engine.json"), "w") as f:
         f.write(engine.model_dump_json(indent=2))
     if progress:
         size = sum(os.path.getsize(os.path.join(out, rank_files[r])) for r in todo)
+        if weights_at_load:
+            print(f"built {out}: no weight files (each of {world} rank(s) draws its weights at load), in {time.time() - t0:.1f} s")
+            return out
         part = "" if ranks is None else f" (ranks {','.join(map(str, todo))} of {world}; {sum(f in digests for f in rank_files)} built so far)"
         print(f"built {out}: {len(todo)} rank file(s){part}, {size / 2**20:.1f} MiB, in {time.time() - t0:.1f} s; "
               f"peak host memory {peak_host_memory() / 2**30:.2f} GiB")

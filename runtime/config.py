@@ -145,3 +145,5 @@ class EngineConfig(BaseModel):
     tokenizer: TokenizerInfo
     files: dict[str, str] = Field(description="sha256 of every file, relative path to hex digest")
     source: str = Field("", description="what the engine was built from")
+    random_weights_seed: int | None = Field(
+        None, description="set when no weight files were written: each rank draws its weights at load from this seed")

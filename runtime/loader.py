@@ -62,6 +62,8 @@ def verify_files(engine_dir: str, config: EngineConfig, names: list[str]) -> Non
 
 def check_complete(engine_dir: str, config: EngineConfig) -> None:
     """Every rank's file is listed with a checksum and present (not verified: each rank does that)."""
+    if config.random_weights_seed is not None:
+        return  # weights drawn at load: no rank files
     for name in config.rank_files:
         if name not in config.files:
             raise EngineLoadError(f"engine.json lists no checksum for '{name}': the engine is incomplete (built in parts "
@@ -82,19 +84,42 @@ def load_tokenizer(engine_dir: str, config: EngineConfig):
 def load_rank(engine_dir: str, config: EngineConfig, mapping: Mapping, device: torch.device, comm=None, verify: bool = True) -> DecoderModel:
     """This rank's model with its weights; reads only this rank's file."""
     fname = config.rank_files[mapping.rank]
-    if verify:
-        verify_files(engine_dir, config, [fname])
     dtype = TORCH_DTYPES[config.build.dtype]
     model = DecoderModel(config.model, mapping, dtype=dtype, device=device, comm=comm)
+    want = model.engine_state_names()
+    if config.random_weights_seed is not None:
+        _draw_rank(model, config, mapping, dtype, device, want)
+        model.eval()
+        return model
+    if verify:
+        verify_files(engine_dir, config, [fname])
     with safe_open(os.path.join(engine_dir, fname), framework="pt", device=str(device)) as f:
         have = set(f.keys())
-        want = model.engine_state_names()
         if have != want:
             missing = sorted(want - have)[:3]
             raise EngineLoadError(f"{fname} does not match the model (missing {missing}): the engine is corrupt; rebuild it")
-        model.load_weights({n: f.get_tensor(n) for n in want})
+        for n in sorted(want):  # tensor by tensor: the peak is the model plus one tensor
+            model.load_weight(n, f.get_tensor(n))
     model.eval()
     return model
+
+
+def _draw_rank(model: DecoderModel, config: EngineConfig, mapping: Mapping, dtype, device, names) -> None:
+    """This rank's weights drawn where they will live, as the builder would have cut them."""
+    from kiln.parallel.partition import rank_slice
+    from kiln.runtime.checkpoint import RandomReader
+
+    reader = RandomReader(config.model, seed=config.random_weights_seed, dtype=dtype, device=device)
+    cache: dict[str, torch.Tensor] = {}
+
+    def fetch(name: str) -> torch.Tensor:
+        if name not in cache:
+            cache[name] = reader.get(name)
+        return cache[name]
+
+    for n in sorted(names):
+        model.load_weight(n, rank_slice(n, fetch, config.model, mapping).to(dtype))
+        cache.clear()
 
 
 def load_engine(engine_dir: str, *, launcher: str = "local", **kw) -> LoadedEngine:

@@ -261,13 +261,18 @@ class DecoderModel(nn.Module):
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         params = dict(self.named_parameters())
-        for name, p in params.items():
-            src = tensors.get(name)
-            if src is None:
+        for name in params:
+            if name not in tensors:
                 raise KeyError(f"weights file lacks tensor '{name}'")
-            if tuple(src.shape) != tuple(p.shape):
-                raise ValueError(f"tensor '{name}' has shape {tuple(src.shape)}, expected {tuple(p.shape)}")
-            p.data.copy_(src)
+        for name, p in params.items():
+            self.load_weight(name, tensors[name], p)
+
+    def load_weight(self, name: str, src: torch.Tensor, param: torch.Tensor | None = None) -> None:
+        """Copies one tensor in (loading tensor by tensor keeps the peak at the model plus one tensor)."""
+        p = param if param is not None else self.get_parameter(name)
+        if tuple(src.shape) != tuple(p.shape):
+            raise ValueError(f"tensor '{name}' has shape {tuple(src.shape)}, expected {tuple(p.shape)}")
+        p.data.copy_(src)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight

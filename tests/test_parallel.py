@@ -184,3 +184,28 @@ def test_build_in_parts_equals_whole_build(checkpoints, tmp_path):
         with LLM(eng) as llm:
             got.append([o.outputs[0].token_ids for o in llm.generate([[5, 6, 7, 8]], sp)])
     assert got[0] == got[1]
+
+
+def test_random_weights_drawn_at_load_equal_the_written_ones(tmp_path):
+    """--weights-at-load writes no weight files; each rank draws exactly the slice the builder
+    would have written (same seed), so outputs match a built engine's, at one rank and at tp=2."""
+    from kiln.runtime.builder import BuildError, build_engine, read_engine_config
+    from kiln.runtime.config import BuildConfig
+
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for tp in (1, 2):
+        bc = BuildConfig(dtype="float32", max_seq_len=256, tp=tp)
+        files = build_engine("tiny-llama", str(tmp_path / f"files{tp}"), bc, random_weights=True, seed=3, device_class="cpu",
+                             progress=False)
+        drawn = build_engine("tiny-llama", str(tmp_path / f"drawn{tp}"), bc, random_weights=True, seed=3, device_class="cpu",
+                             progress=False, weights_at_load=True)
+        assert not [f for f in os.listdir(drawn) if f.endswith(".safetensors")]
+        assert read_engine_config(drawn).random_weights_seed == 3
+        got = []
+        for eng in (files, drawn):
+            with LLM(eng) as llm:
+                got.append([o.outputs[0].token_ids for o in llm.generate([[5, 6, 7, 8], [9, 10]], sp)])
+        assert got[0] == got[1], tp
+    with pytest.raises(BuildError, match="needs --random-weights"):
+        build_engine(str(tmp_path / "files1"), str(tmp_path / "x"), BuildConfig(dtype="float32"), device_class="cpu",
+                     progress=False, weights_at_load=True)
