@@ -12,6 +12,8 @@ Runs are ``model:layout`` with layout like tp4, tp2pp2, tp4ep4 or tp4dp2:
 
     python benchmarks/bench_cluster.py --topology cluster_configs/h200-4gpu.yaml \\
         --runs llama-3-70b:tp4,llama-3-70b:tp2pp2,mixtral-8x7b:tp4ep4,mixtral-8x7b:tp4ep1 --batches 128,256
+    python benchmarks/bench_cluster.py --topology cluster_configs/hgx-h200-8gpu.yaml --weights-at-load \
+        --runs llama-3.1-405b:tp8 --batches 64,256 --input 1024 --output 1024 --ttft-tokens 4096
     python benchmarks/bench_cluster.py --topology local-cpu.yaml --runs tiny-llama:tp2 --batches 4 \\
         --input 32 --output 8 --device cpu                                   # a check on CPUs
 """
@@ -42,14 +44,15 @@ def parse_layout(text: str) -> dict:
     return lay
 
 
-def build(model: str, lay: dict, device: str, dtype: str, root: str, max_seq: int) -> str:
+def build(model: str, lay: dict, device: str, dtype: str, root: str, max_seq: int, at_load: bool = False) -> str:
     name = f"{model}-{dtype}-tp{lay['tp']}pp{lay['pp']}ep{lay['ep']}"
     out = os.path.join(root, name)
     if not os.path.exists(os.path.join(out, "engine.json")):
         t = time.time()
         subprocess.run([sys.executable, "-m", "kiln.launch.cli", "build", "--model", model, "--random-weights", "--dtype", dtype,
                         "--device", device, "--tp", str(lay["tp"]), "--pp", str(lay["pp"]), "--ep", str(lay["ep"]),
-                        "--output", out, "--max-batch-size", "256", "--max-seq-len", str(max_seq), "--quiet"], check=True)
+                        "--output", out, "--max-batch-size", "256", "--max-seq-len", str(max_seq), "--quiet"]
+                       + (["--weights-at-load"] if at_load else []), check=True)
         print(f"built {name} in {time.time() - t:.0f} s", flush=True)
     return out
 
@@ -104,6 +107,7 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--engines", default="/tmp/kiln-engines")
+    ap.add_argument("--weights-at-load", action="store_true", help="build without weight files (models larger than the disk)")
     a = ap.parse_args()
     from kiln.launch.ray_launcher import make_ray_engine, shutdown_ray
     from kiln.launch.topology import load_topology
@@ -122,7 +126,7 @@ def main() -> None:
     for run in a.runs.split(","):
         model, _, lay_text = run.partition(":")
         lay = parse_layout(lay_text)
-        eng_dir = build(model, lay, a.device, dtype, a.engines, max_seq)
+        eng_dir = build(model, lay, a.device, dtype, a.engines, max_seq, a.weights_at_load)
         topo = base.model_copy(update={"layout": base.layout.model_copy(update=lay)})
         engine = make_ray_engine(eng_dir, topo)
         cfg = engine.config.model
@@ -147,7 +151,7 @@ def main() -> None:
             m["allreduce_fraction_by_batch"] = {str(b): round(ar[b] / m["decode_step_ms"][str(b)], 3) for b in batches}
         print(run, m, flush=True)
         write_record("cluster", model, {"topology": base.name, "layout": lay, "dtype": dtype, "input_tokens": a.input,
-                                        "output_tokens": a.output, "launcher": "ray"}, m)
+                                        "output_tokens": a.output, "launcher": "ray", "weights_at_load": a.weights_at_load}, m)
     shutdown_ray()
 
 
