@@ -84,11 +84,14 @@ def _x_chunk(ptrs, k0, K, offs_k, EVEN_K: tl.constexpr):
 
 
 @_jit
-def _w_tile(w_ptrs, k0, K, offs_k, EVEN_K: tl.constexpr, GUARD: tl.constexpr):
-    """The weight tile at column k0, read straight to registers; with GUARD, none past K."""
+def _w_tile(w_ptrs, k0, K, offs_k, EVEN_K: tl.constexpr, GUARD: tl.constexpr, SCALAR_MASK: tl.constexpr):
+    """The weight tile at column k0, read straight to registers; with GUARD, none past K.
+    SCALAR_MASK is off under Triton's interpreter, which takes only tensor masks."""
     if EVEN_K:
-        if GUARD:
+        if GUARD and SCALAR_MASK:
             w = tl.load(w_ptrs + k0, mask=k0 < K, other=0.0, eviction_policy="evict_first")
+        elif GUARD:
+            w = tl.load(w_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0, eviction_policy="evict_first")
         else:
             w = tl.load(w_ptrs + k0, eviction_policy="evict_first")
     else:
@@ -97,18 +100,22 @@ def _w_tile(w_ptrs, k0, K, offs_k, EVEN_K: tl.constexpr, GUARD: tl.constexpr):
 
 
 @_jit
-def _store_row(y_ptr, acc, b, row, M, rows, n_mask, sym, HAS_BIAS: tl.constexpr):
+def _store_row(y_ptr, acc, b, row, M, rows, n_mask, sym, HAS_BIAS: tl.constexpr, SCALAR_MASK: tl.constexpr):
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += b
-    tl.store(y_ptr + row.to(tl.int64) * sym + rows, y.to(y_ptr.dtype.element_ty), mask=n_mask & (row < M))
+    if SCALAR_MASK:
+        mask = n_mask & (row < M)
+    else:  # the interpreter takes only masks shaped like the pointers
+        mask = n_mask & (tl.zeros_like(rows) + row < M)
+    tl.store(y_ptr + row.to(tl.int64) * sym + rows, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym, m_blocks,
     MB: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SCALAR_MASK: tl.constexpr = True,
 ):
     # Programs that share weight rows (one per block of MB x rows) are adjacent in launch order.
     pid = tl.program_id(0)
@@ -129,26 +136,26 @@ def _gemv_kernel(
     # STAGES weight tiles in flight: the loads of the next STAGES - 1 tiles are issued before
     # the current one is used (Triton's own pipelining leaves loads that feed no tl.dot alone).
     if STAGES > 1:
-        wa = _w_tile(w_ptrs, 0, K, offs_k, EVEN_K, True)
+        wa = _w_tile(w_ptrs, 0, K, offs_k, EVEN_K, True, SCALAR_MASK)
     if STAGES > 2:
-        wb = _w_tile(w_ptrs, BLOCK_K, K, offs_k, EVEN_K, True)
+        wb = _w_tile(w_ptrs, BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
     if STAGES > 3:
-        wc = _w_tile(w_ptrs, 2 * BLOCK_K, K, offs_k, EVEN_K, True)
+        wc = _w_tile(w_ptrs, 2 * BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
     for k0 in range(0, K, BLOCK_K):
         if STAGES == 1:
-            w = _w_tile(w_ptrs, k0, K, offs_k, EVEN_K, False)
+            w = _w_tile(w_ptrs, k0, K, offs_k, EVEN_K, False, SCALAR_MASK)
         elif STAGES == 2:
             w = wa
-            wa = _w_tile(w_ptrs, k0 + BLOCK_K, K, offs_k, EVEN_K, True)
+            wa = _w_tile(w_ptrs, k0 + BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
         elif STAGES == 3:
             w = wa
             wa = wb
-            wb = _w_tile(w_ptrs, k0 + 2 * BLOCK_K, K, offs_k, EVEN_K, True)
+            wb = _w_tile(w_ptrs, k0 + 2 * BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
         else:
             w = wa
             wa = wb
             wb = wc
-            wc = _w_tile(w_ptrs, k0 + 3 * BLOCK_K, K, offs_k, EVEN_K, True)
+            wc = _w_tile(w_ptrs, k0 + 3 * BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
         w = w.to(tl.float32)
         acc0 += w * _x_chunk(x0, k0, K, offs_k, EVEN_K)
         if MB > 1:
@@ -162,13 +169,13 @@ def _gemv_kernel(
     b = 0.0
     if HAS_BIAS:
         b = tl.load(b_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
-    _store_row(y_ptr, acc0, b, m0, M, rows, n_mask, sym, HAS_BIAS)
+    _store_row(y_ptr, acc0, b, m0, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
     if MB > 1:
-        _store_row(y_ptr, acc1, b, m0 + 1, M, rows, n_mask, sym, HAS_BIAS)
+        _store_row(y_ptr, acc1, b, m0 + 1, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
     if MB > 2:
-        _store_row(y_ptr, acc2, b, m0 + 2, M, rows, n_mask, sym, HAS_BIAS)
+        _store_row(y_ptr, acc2, b, m0 + 2, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
     if MB > 3:
-        _store_row(y_ptr, acc3, b, m0 + 3, M, rows, n_mask, sym, HAS_BIAS)
+        _store_row(y_ptr, acc3, b, m0 + 3, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig, bias: torch.Tensor | None = None,
@@ -191,7 +198,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig, bias: torch.Tenso
     _gemv_kernel[grid](
         x, w, bias if bias is not None else w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0), m_blocks,
         MB=mb, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
-        num_warps=warps, num_stages=1,
+        SCALAR_MASK=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps, num_stages=1,
     )
     return out
 

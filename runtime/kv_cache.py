@@ -56,12 +56,24 @@ def memory_block_capacity(num_layers: int, num_kv_heads: int, head_dim: int, blo
         free, total = torch.cuda.mem_get_info(dev)
         budget = free - (1 - util) * total
     else:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            avail = 8 << 30
-        budget = avail / 4
+        budget = host_available_memory() / 4
     return max(0, int(budget // per_block))
+
+
+def host_available_memory() -> int:
+    """Bytes the host can give without swapping: MemAvailable (free plus reclaimable page cache)
+    where /proc/meminfo has it, free pages elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
 
 
 def choose_num_blocks(capacity: int, block_size: int, max_batch_size: int, max_seq_len: int) -> int:

@@ -663,3 +663,19 @@ TestBlockManagerNoPrefixStateful = NoPrefixCacheMachine.TestCase
 TestBlockManagerNoPrefixStateful.settings = _settings
 TestBlockManagerWeakHashStateful = WeakHashMachine.TestCase
 TestBlockManagerWeakHashStateful.settings = _settings
+
+
+def test_cpu_kv_capacity_counts_reclaimable_page_cache():
+    """The CPU KV cache is sized from what the host can give (MemAvailable), not from free pages
+    alone: a machine busy writing files has little free memory but much reclaimable cache."""
+    import os
+
+    from kiln.runtime.kv_cache import host_available_memory, memory_block_capacity
+
+    avail = host_available_memory()
+    assert avail > 0
+    if os.path.exists("/proc/meminfo"):
+        assert avail >= os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.9
+    per_block = 2 * 4 * 16 * 2 * 64 * 4  # K and V, 4 layers, 16 slots, 2 heads of 64 floats
+    cap = memory_block_capacity(4, 2, 64, 16, __import__("torch").float32, "cpu")
+    assert abs(cap * per_block - avail / 4) < 0.05 * avail / 4
