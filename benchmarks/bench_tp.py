@@ -80,21 +80,12 @@ def _allreduce_worker(rank: int, world: int, port: int, hidden: int, layers: int
             for _ in range(n):
                 dist.all_reduce(x)
 
-        run()
         if cuda:
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                run()
-            g.replay()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(20):
-                g.replay()
-            e.record()
-            torch.cuda.synchronize()
-            out[b] = s.elapsed_time(e) / 20
+            from kiln.kernels.gemv import _time_calls  # graph capture, timed replays
+
+            out[b] = _time_calls([run], 20) / 1000
         else:
+            run()
             dist.barrier()
             t = time.perf_counter()
             for _ in range(5):

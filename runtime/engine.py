@@ -162,7 +162,8 @@ class LLMEngine:
 
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        if self._inflight is not None and not self._can_overlap():
+        overlap = self._can_overlap()  # scheduling below only removes requests: it stays valid
+        if self._inflight is not None and not overlap:
             self._drain()
         plan = self.scheduler.schedule()
         for seq, msg in self.scheduler.failed:
@@ -181,7 +182,6 @@ class LLMEngine:
             masks = self._grammar_masks(plan)
             if self.async_scheduling:
                 pending = self.executor.launch(plan, masks) if masks else self.executor.launch(plan)
-                overlap = self._can_overlap()
                 if overlap:
                     self._add_placeholders(plan)
                 self._drain()

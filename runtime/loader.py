@@ -52,8 +52,7 @@ def verify_files(engine_dir: str, config: EngineConfig, names: list[str]) -> Non
         path = os.path.join(engine_dir, name)
         want = config.files.get(name)
         if want is None:
-            hint = " (built in parts with --ranks: build the missing ranks into it)" if name.startswith("rank") else ""
-            raise EngineLoadError(f"engine.json lists no checksum for '{name}': the engine is incomplete{hint}; rebuild it")
+            raise EngineLoadError(f"engine.json lists no checksum for '{name}': the engine is incomplete; rebuild it")
         if not os.path.exists(path):
             raise EngineLoadError(f"engine file '{name}' is missing from {engine_dir}: rebuild the engine")
         if sha256_file(path) != want:
@@ -198,6 +197,7 @@ def load_local(
             "but this launcher runs 1: rebuild with --tp 1 --pp 1"
         )
     dev = resolve_device(config, device)
+    check_complete(engine_dir, config)
     if verify:
         verify_files(engine_dir, config, [n for n in config.files if not n.startswith("rank")])
     tokenizer = load_tokenizer(engine_dir, config)
