@@ -340,18 +340,20 @@ def main() -> None:
     print(f"loaded in {time.time() - t:.1f} s (GEMV tuning and graph capture included)", flush=True)
     total, read = weight_bytes(engine)
     floor_ms = read / bw * 1000
-    from kiln.kernels import gemv
+    from kiln.kernels import gemv, triton_ops
 
     settings = {"dtype": "bfloat16", "max_batch_size": 256, "cuda_graphs": engine.executor.runner.graphs is not None,
                 "async_scheduling": engine.async_scheduling, "scheduler_policy": engine.scheduler.policy,
                 "gpu_memory_utilization": float(os.environ.get("KILN_GPU_MEMORY_UTILIZATION", "0.9")),
-                "num_kv_blocks": engine.block_manager.num_blocks}
+                "num_kv_blocks": engine.block_manager.num_blocks,
+                "pdl": triton_ops.pdl(torch.empty(0, device="cuda")),
+                "lm_head_in_graph": bool(engine.executor.runner.graphs is not None and engine.executor.runner.graphs.with_logits)}
     if "a" in a.parts:
         ms = decode_ms_per_token(engine)
         m = {"decode_ms_per_token": round(ms, 3), "bandwidth_floor_ms": round(floor_ms, 3), "ratio_to_floor": round(ms / floor_ms, 3),
              "copy_bandwidth_gb_s": round(bw / 1e9, 1), "weight_bytes": total, "weight_bytes_read_per_step": read,
              "step_gpu_ms": round(decode_ms_per_token.step_gpu_ms, 3), **decode_breakdown(engine),
-             "gemv_table": [{k: r.get(k) for k in ("shape", "choice", "us", "gb_s", "cublas_us")} for r in gemv.tuned_table()]}
+             "gemv_table": [{k: r.get(k) for k in ("shape", "op", "choice", "us", "gb_s", "cublas_us")} for r in gemv.tuned_table()]}
         if base:
             m["baseline_decode_ms_per_token"] = base["baseline_decode_ms_per_token"]
             m["speedup_vs_baseline"] = round(base["baseline_decode_ms_per_token"] / ms, 2)

@@ -143,6 +143,28 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
+def rotary_write_kv_ref(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """Rotates q and k (``apply_rotary_ref``), writes the rotated k and v into the cache
+    (``write_kv_ref``) and returns the rotated q."""
+    from kiln.kernels.rotary import apply_rotary_ref
+
+    q, k = apply_rotary_ref(q, k, positions, rope_cache)
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def rotary_write_kv(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """An attention layer's step before attention: the rotary embedding of q [T, Hq, D] and
+    k [T, Hk, D] at ``positions``, the rotated k and v written to the paged cache at
+    ``slot_mapping`` (slots < 0 skipped); returns the rotated q. One kernel on a GPU."""
+    if q.is_cuda:
+        from kiln.kernels import triton_ops
+
+        if triton_ops.available():
+            return triton_ops.rotary_write_kv(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping)
+    return rotary_write_kv_ref(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping)
+
+
 def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     if q.is_cuda:
         from kiln.kernels import triton_ops

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels import triton_ops
-from kiln.kernels.triton_ops import _jit, tl
+from kiln.kernels.triton_ops import _gdc_enter, _jit, tl
 
 MAX_ROWS = 4  # the most x rows one program serves (one float32 accumulator tile each)
 
@@ -112,19 +112,40 @@ def _store_row(y_ptr, acc, b, row, M, rows, n_mask, sym, HAS_BIAS: tl.constexpr,
 
 
 @_jit
+def _store_glu(y_ptr, acc, row, M, cols, c_mask, sym, HALF: tl.constexpr, SCALAR_MASK: tl.constexpr):
+    """Tile rows alternate gate and up rows of the same output columns: y = silu(gate) * up."""
+    g, u = tl.split(tl.reshape(tl.sum(acc, axis=1), [HALF, 2]))
+    y = g / (1.0 + tl.exp(-g)) * u
+    if SCALAR_MASK:
+        mask = c_mask & (row < M)
+    else:
+        mask = c_mask & (tl.zeros_like(cols) + row < M)
+    tl.store(y_ptr + row.to(tl.int64) * sym + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym, m_blocks,
     MB: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SCALAR_MASK: tl.constexpr = True,
+    GLU: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     # Programs that share weight rows (one per block of MB x rows) are adjacent in launch order.
     pid = tl.program_id(0)
     m0 = (pid % m_blocks) * MB
-    rows = (pid // m_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nb = pid // m_blocks
     offs_k = tl.arange(0, BLOCK_K)
     # Rows past N read row N - 1 (and x rows past M read row M - 1), so the loads need no mask
-    # along those axes; the stores drop them.
-    w_ptrs = w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * swn + offs_k[None, :]
+    # along those axes; the stores drop them. With GLU, N is the output width and w holds 2N
+    # rows (gate, then up): tile row i reads gate row c or up row N + c of column c = i // 2.
+    if GLU:
+        t = tl.arange(0, BLOCK_N)
+        cols = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        wrow = tl.minimum(nb * (BLOCK_N // 2) + t // 2, N - 1) + (t % 2) * N
+    else:
+        rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        wrow = tl.minimum(rows, N - 1)
+    w_ptrs = w_ptr + wrow.to(tl.int64)[:, None] * swn + offs_k[None, :]
     x0 = x_ptr + m0.to(tl.int64) * sxm + offs_k
     x1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * sxm + offs_k
     x2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * sxm + offs_k
@@ -135,12 +156,14 @@ def _gemv_kernel(
     acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     # STAGES weight tiles in flight: the loads of the next STAGES - 1 tiles are issued before
     # the current one is used (Triton's own pipelining leaves loads that feed no tl.dot alone).
+    # The weights are no earlier kernel's output, so the first tiles load before the PDL wait.
     if STAGES > 1:
         wa = _w_tile(w_ptrs, 0, K, offs_k, EVEN_K, True, SCALAR_MASK)
     if STAGES > 2:
         wb = _w_tile(w_ptrs, BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
     if STAGES > 3:
         wc = _w_tile(w_ptrs, 2 * BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
+    _gdc_enter(PDL)
     for k0 in range(0, K, BLOCK_K):
         if STAGES == 1:
             w = _w_tile(w_ptrs, k0, K, offs_k, EVEN_K, False, SCALAR_MASK)
@@ -165,40 +188,56 @@ def _gemv_kernel(
         if MB > 3:
             acc3 += w * _x_chunk(x3, k0, K, offs_k, EVEN_K)
 
-    n_mask = rows < N
-    b = 0.0
-    if HAS_BIAS:
-        b = tl.load(b_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
-    _store_row(y_ptr, acc0, b, m0, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
-    if MB > 1:
-        _store_row(y_ptr, acc1, b, m0 + 1, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
-    if MB > 2:
-        _store_row(y_ptr, acc2, b, m0 + 2, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
-    if MB > 3:
-        _store_row(y_ptr, acc3, b, m0 + 3, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
+    if GLU:
+        c_mask = cols < N
+        _store_glu(y_ptr, acc0, m0, M, cols, c_mask, sym, BLOCK_N // 2, SCALAR_MASK)
+        if MB > 1:
+            _store_glu(y_ptr, acc1, m0 + 1, M, cols, c_mask, sym, BLOCK_N // 2, SCALAR_MASK)
+        if MB > 2:
+            _store_glu(y_ptr, acc2, m0 + 2, M, cols, c_mask, sym, BLOCK_N // 2, SCALAR_MASK)
+        if MB > 3:
+            _store_glu(y_ptr, acc3, m0 + 3, M, cols, c_mask, sym, BLOCK_N // 2, SCALAR_MASK)
+    else:
+        n_mask = rows < N
+        b = 0.0
+        if HAS_BIAS:
+            b = tl.load(b_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+        _store_row(y_ptr, acc0, b, m0, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
+        if MB > 1:
+            _store_row(y_ptr, acc1, b, m0 + 1, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
+        if MB > 2:
+            _store_row(y_ptr, acc2, b, m0 + 2, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
+        if MB > 3:
+            _store_row(y_ptr, acc3, b, m0 + 3, M, rows, n_mask, sym, HAS_BIAS, SCALAR_MASK)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """``x @ w.T (+ bias)`` by the Triton kernel with ``config``. x [M, K] and w [N, K] need unit
-    stride along K (any row stride); bias [N] contiguous; returns (or fills) out [M, N] in x's dtype."""
+    stride along K (any row stride); bias [N] contiguous; returns (or fills) out [M, N] in x's dtype.
+    With ``glu``, w is a fused [2I, K] gate/up weight and the result is ``silu(gate) * up`` [M, I]
+    (``silu_and_mul`` of the product, in one kernel; no bias)."""
     assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], (x.shape, w.shape)
     assert x.stride(1) == 1 and w.stride(1) == 1, "x and w need unit stride along K"
     m, k = x.shape
     n = w.shape[0]
+    bn, bk, warps, stages, rows = config
+    if glu:
+        assert bias is None and n % 2 == 0 and bn >= 2, "glu takes an even gate/up weight, no bias, block_n >= 2"
+        n //= 2
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     assert out.shape == (m, n) and out.stride(1) == 1
-    bn, bk, warps, stages, rows = config
     mb = min(m, rows, MAX_ROWS)
     m_blocks = triton_ops._cdiv(m, mb)
-    grid = (triton_ops._cdiv(n, bn) * m_blocks,)
+    grid = (triton_ops._cdiv(n, bn // 2 if glu else bn) * m_blocks,)
     _gemv_kernel[grid](
         x, w, bias if bias is not None else w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0), m_blocks,
         MB=mb, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
-        SCALAR_MASK=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps, num_stages=1,
+        SCALAR_MASK=os.environ.get("TRITON_INTERPRET") != "1", GLU=glu, num_warps=warps, num_stages=1,
+        **triton_ops.launch_opts(x),
     )
     return out
 
@@ -270,7 +309,7 @@ def configs(m: int, dtype: torch.dtype = torch.bfloat16, full: bool = False) -> 
 # Tuning table and dispatch
 # ----------------------------------------------------------------------------------------------
 
-_CHOICE: dict[tuple, GemvConfig | None] = {}  # (M, N, K, dtype) -> config, None for cuBLAS
+_CHOICE: dict[tuple, GemvConfig | None] = {}  # (M, N, K, dtype, glu) -> config, None for the torch path
 _ROWS: dict[tuple, dict] = {}
 
 
@@ -282,26 +321,47 @@ def _enabled() -> bool:
     return os.environ.get("KILN_GEMV", "1") != "0"
 
 
-def choice(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig | None:
-    """The tuned Triton config for (M, N, K, dtype), or None (untuned, or cuBLAS won)."""
-    return _CHOICE.get((m, n, k, dtype))
+def choice(m: int, n: int, k: int, dtype: torch.dtype, glu: bool = False) -> GemvConfig | None:
+    """The tuned Triton config for (M, N, K, dtype) (with ``glu``, the fused gate/up product of
+    an [N, K] weight), or None (untuned, or the torch path won)."""
+    return _CHOICE.get((m, n, k, dtype, glu))
+
+
+def _pick(x: torch.Tensor, w: torch.Tensor, bias, glu: bool):
+    """(config, x as [M, K]) where the table names a Triton winner this call can take, else None."""
+    if not (x.is_cuda and _CHOICE and _enabled() and triton_ops.available()) or w.dim() != 2:
+        return None
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    cfg = _CHOICE.get((m, w.shape[0], k, x.dtype, glu))
+    if (cfg is None or w.dtype != x.dtype or w.stride(1) != 1 or x.stride(-1) != 1 or w.device != x.device
+            or (bias is not None and not (bias.dtype == x.dtype and bias.dim() == 1 and bias.is_contiguous()))):
+        return None
+    x2 = x if x.dim() == 2 else _as_rows(x, m, k)
+    return None if x2 is None else (cfg, x2)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for x [..., K], through the Triton kernel where ``tune`` found it
     fastest for this (M, N, K, dtype), M being the number of rows of x."""
-    if x.is_cuda and _CHOICE and _enabled() and triton_ops.available():
-        k = x.shape[-1]
-        m = x.numel() // k if k else 0
-        cfg = _CHOICE.get((m, w.shape[0], k, x.dtype)) if w.dim() == 2 else None
-        if (cfg is not None and w.dtype == x.dtype and w.stride(1) == 1 and x.stride(-1) == 1
-                and w.device == x.device
-                and (bias is None or (bias.dtype == x.dtype and bias.dim() == 1 and bias.is_contiguous()))):
-            x2 = x if x.dim() == 2 else _as_rows(x, m, k)
-            if x2 is not None:
-                y = gemv(x2, w, cfg, bias)
-                return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0])
-    return F.linear(x, w, bias)
+    hit = _pick(x, w, bias, False)
+    if hit is None:
+        return F.linear(x, w, bias)
+    y = gemv(hit[1], w, hit[0], bias)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0])
+
+
+def linear_silu_mul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``silu_and_mul(linear(x, w))`` for a fused [2I, K] gate/up weight: one Triton kernel where
+    ``tune(..., glu=True)`` found that fastest for this shape, else the product and then the
+    activation kernel."""
+    hit = _pick(x, w, None, True)
+    if hit is None:
+        from kiln.kernels.activation import silu_and_mul
+
+        return silu_and_mul(linear(x, w))
+    y = gemv(hit[1], w, hit[0], glu=True)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0] // 2)
 
 
 def _as_rows(x: torch.Tensor, m: int, k: int):
@@ -313,8 +373,9 @@ def _as_rows(x: torch.Tensor, m: int, k: int):
 
 
 def tuned_table() -> list[dict]:
-    """One row per tuned (M, N, K, dtype): shape [M, N, K], dtype, choice (a config name or
-    "cublas"), us and gb_s of that choice, cublas_us, and the best Triton config with its us."""
+    """One row per tuned (M, N, K, dtype, op): shape [M, N, K], dtype, op ("linear", or "glu" for
+    the fused gate/up product), choice (a config name or "cublas", the torch path), us and gb_s
+    of that choice, cublas_us, and the best Triton config with its us."""
     return [dict(r) for r in _ROWS.values()]
 
 
@@ -323,7 +384,7 @@ def load_table(rows) -> None:
     for r in rows:
         m, n, k = (int(v) for v in r["shape"])
         dtype = getattr(torch, r["dtype"])
-        key = (m, n, k, dtype)
+        key = (m, n, k, dtype, r.get("op", "linear") == "glu")
         _CHOICE[key] = None if r["choice"] == "cublas" else GemvConfig.parse(r["choice"])
         _ROWS[key] = dict(r)
 
@@ -368,10 +429,13 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def tune(shapes, dtype: torch.dtype = torch.bfloat16, device="cuda", m_values=(1,),
-         candidates=None, reps: int = 20, min_bytes: int = 256 << 20, verbose: bool = False) -> list[dict]:
+         candidates=None, reps: int = 20, min_bytes: int = 256 << 20, verbose: bool = False,
+         glu: bool = False) -> list[dict]:
     """Times each config of ``configs(m, dtype)`` (or ``candidates``) and ``F.linear`` for each
     (N, K) of ``shapes`` and each M of ``m_values``, and records the fastest in the table that
-    ``linear`` reads. Each timing is the median of ``reps`` CUDA-graph replays of one call per
+    ``linear`` reads. With ``glu`` the shapes are fused gate/up weights and what is timed is the
+    fused ``silu(gate) * up`` kernel against ``F.linear`` followed by ``silu_and_mul`` (the
+    table that ``linear_silu_mul`` reads). Each timing is the median of ``reps`` CUDA-graph replays of one call per
     weight copy, over enough copies to total ``min_bytes`` (at least two), so the weight is read
     from device memory rather than L2. Configs whose result strays from the float32 product or
     that fail to compile are skipped. Returns the rows added to ``tuned_table()``."""
@@ -379,10 +443,12 @@ def tune(shapes, dtype: torch.dtype = torch.bfloat16, device="cuda", m_values=(1
     assert device.type == "cuda" and triton_ops.available(), "tuning needs a CUDA device and triton"
     assert not torch.cuda.is_current_stream_capturing(), "tune() cannot run inside a CUDA-graph capture"
     with torch.cuda.device(device):
-        return _tune(shapes, dtype, device, m_values, candidates, reps, min_bytes, verbose)
+        return _tune(shapes, dtype, device, m_values, candidates, reps, min_bytes, verbose, glu)
 
 
-def _tune(shapes, dtype, device, m_values, candidates, reps, min_bytes, verbose) -> list[dict]:
+def _tune(shapes, dtype, device, m_values, candidates, reps, min_bytes, verbose, glu) -> list[dict]:
+    from kiln.kernels.activation import silu_and_mul, silu_and_mul_ref
+
     size = dtype.itemsize
     tol = 1e-3 if dtype == torch.float32 else 1e-2  # a wrong kernel is off by O(1)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -394,17 +460,20 @@ def _tune(shapes, dtype, device, m_values, candidates, reps, min_bytes, verbose)
         for m in m_values:
             m = int(m)
             x = torch.randn((m, k), device=device, dtype=dtype, generator=gen)
-            ref = gemv_ref(x, ws[0])
-            cublas_us = _time_calls([lambda w=w: F.linear(x, w) for w in ws], reps)
+            ref = silu_and_mul_ref(gemv_ref(x, ws[0])) if glu else gemv_ref(x, ws[0])
+            if glu:
+                cublas_us = _time_calls([lambda w=w: silu_and_mul(F.linear(x, w)) for w in ws], reps)
+            else:
+                cublas_us = _time_calls([lambda w=w: F.linear(x, w) for w in ws], reps)
             best, best_us, tried = None, math.inf, 0
             for cfg in candidates if candidates is not None else configs(m, dtype):
                 try:
-                    err = _rel_err(gemv(x, ws[0], cfg), ref)
+                    err = _rel_err(gemv(x, ws[0], cfg, glu=glu), ref)
                     if not err < tol:
                         if verbose:
                             print(f"  {cfg.name}: relative error {err:.2e}, skipped")
                         continue
-                    us = _time_calls([lambda w=w: gemv(x, w, cfg) for w in ws], reps)
+                    us = _time_calls([lambda w=w: gemv(x, w, cfg, glu=glu) for w in ws], reps)
                 except Exception as e:  # out of resources for this tile, say
                     if verbose:
                         print(f"  {cfg.name}: {type(e).__name__}: {str(e)[:120]}")
@@ -414,18 +483,20 @@ def _tune(shapes, dtype, device, m_values, candidates, reps, min_bytes, verbose)
                     print(f"  M={m} N={n} K={k} {cfg.name}: {us:.2f} us")
                 if us < best_us:
                     best, best_us = cfg, us
-            nbytes = (n * k + m * k + m * n) * size
+            n_out = n // 2 if glu else n
+            nbytes = (n * k + m * k + m * n_out) * size
             use_triton = best is not None and best_us < cublas_us
             us = best_us if use_triton else cublas_us
             row = dict(
-                shape=[m, n, k], dtype=_dtype_name(dtype), choice=best.name if use_triton else "cublas",
+                shape=[m, n, k], dtype=_dtype_name(dtype), op="glu" if glu else "linear",
+                choice=best.name if use_triton else "cublas",
                 us=round(us, 2), gb_s=round(nbytes / us / 1e3, 1), cublas_us=round(cublas_us, 2),
                 cublas_gb_s=round(nbytes / cublas_us / 1e3, 1),
                 triton_config=best.name if best is not None else None,
                 triton_us=round(best_us, 2) if best is not None else None,
                 configs_timed=tried, weight_copies=copies,
             )
-            key = (m, n, k, dtype)
+            key = (m, n, k, dtype, glu)
             _CHOICE[key] = best if use_triton else None
             _ROWS[key] = row
             rows.append(row)

@@ -7,6 +7,8 @@ Every op takes the same arguments as its plain-torch reference and returns the s
 * ``apply_rotary``: rotate-half rotary embedding; q and k may be strided views of a fused qkv
   projection, the results are new contiguous tensors.
 * ``write_kv``: scatter new keys/values into the paged cache, skipping slots < 0.
+* ``rotary_write_kv``: the two above in one kernel for the attention layer: rotates q into a new
+  tensor, and k straight into the cache beside v (the rotated k is not returned).
 * ``paged_attention``: causal attention through block tables for batches mixing prefill chunks
   and decodes. Decodes use a flash-decoding kernel (each program reads the K/V of one KV head
   for one slice of the context and serves every query head of that group; a second kernel
@@ -15,10 +17,19 @@ Every op takes the same arguments as its plain-torch reference and returns the s
   tensors, so a decode-only call can be captured in a CUDA graph.
 
 The launchers also work on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``).
+
+On Hopper and later every kernel here is launched with programmatic dependent launch (PDL):
+the next kernel in the stream may start while the current one drains, and waits
+(``griddepcontrol.wait``) before it touches anything the current one writes. Each kernel calls
+``_gdc_enter`` before its first load of an activation (the GEMV loads its first weight tiles
+before it), so a chain of kernels, or a CUDA graph of them, overlaps one kernel's tail with the
+next one's launch. Every program of every kernel waits, even one that returns early, so a
+kernel finishes only after its predecessor has. ``KILN_PDL=0`` turns it off.
 """
 
 import functools
 import math
+import os
 
 import torch
 
@@ -67,6 +78,35 @@ def _sm_count(index) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+_PDL_ENV = os.environ.get("KILN_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(index) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch with programmatic dependent launch (sm_90 and later,
+    not under the interpreter, not with ``KILN_PDL=0``)."""
+    return _PDL_ENV and t.is_cuda and _pdl_capable(t.device.index)
+
+
+def launch_opts(t: torch.Tensor) -> dict:
+    """The keyword arguments of a launch on t's device: the kernel's PDL flag and Triton's."""
+    on = pdl(t)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@_jit
+def _gdc_enter(PDL: tl.constexpr):
+    """Waits until the previous kernel in the stream has finished and its writes are visible,
+    then lets the next kernel launch. A no-op without PDL."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 # ----------------------------------------------------------------------------------------------
 # RMSNorm
 # ----------------------------------------------------------------------------------------------
@@ -76,8 +116,9 @@ def _sm_count(index) -> int:
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, n_inner,
     sx0, sx1, sr0, sr1, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    _gdc_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     i0 = row // n_inner
     i1 = row % n_inner
@@ -126,7 +167,7 @@ def _rms_norm_launch(x, residual, weight, eps):
     block = _pow2(h)
     _rms_norm_kernel[(x.numel() // h,)](
         xr, rr, weight.contiguous(), out, res_out, h, inner, sx0, sx1, sr0, sr1, float(eps),
-        HAS_RES=residual is not None, BLOCK=block, num_warps=_norm_warps(block),
+        HAS_RES=residual is not None, BLOCK=block, num_warps=_norm_warps(block), **launch_opts(x),
     )
     return out, res_out
 
@@ -145,7 +186,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 @_jit
-def _silu_mul_kernel(x_ptr, out_ptr, n, sx, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, n, sx, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _gdc_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < n
@@ -164,7 +206,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     block = min(_pow2(n), 2048)
-    _silu_mul_kernel[(x2.shape[0], _cdiv(n, block))](x2, out, n, x2.stride(0), BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(x2.shape[0], _cdiv(n, block))](x2, out, n, x2.stride(0), BLOCK=block, num_warps=4, **launch_opts(x2))
     return out
 
 
@@ -174,36 +216,54 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @_jit
-def _rotate_heads(src_ptr, dst_ptr, s0, s1, n_heads, t, cos, sin, half,
+def _rotate_heads(src, dst, s_src, s_dst, n_heads, cos, sin, half,
                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotates the n_heads rows at src (row stride s_src) into dst (row stride s_dst); the
+    result is rounded to src's dtype (as the reference computes it) and stored in dst's."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     for h0 in range(0, n_heads, BLOCK_H):
         heads = h0 + offs_h
         m = (heads < n_heads)[:, None] & (offs_d < half)[None, :]
-        src = src_ptr + t * s0 + heads[:, None] * s1 + offs_d[None, :]
-        x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(src + half, mask=m, other=0.0).to(tl.float32)
-        dst = dst_ptr + (t * n_heads + heads[:, None]) * (2 * half) + offs_d[None, :]
-        tl.store(dst, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=m)
-        tl.store(dst + half, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=m)
+        x = src + heads[:, None] * s_src + offs_d[None, :]
+        x1 = tl.load(x, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(x + half, mask=m, other=0.0).to(tl.float32)
+        y = dst + heads[:, None] * s_dst + offs_d[None, :]
+        y1 = (x1 * cos - x2 * sin).to(src.dtype.element_ty)
+        y2 = (x2 * cos + x1 * sin).to(src.dtype.element_ty)
+        tl.store(y, y1.to(dst.dtype.element_ty), mask=m)
+        tl.store(y + half, y2.to(dst.dtype.element_ty), mask=m)
+
+
+@_jit
+def _cos_sin(pos_ptr, cache_ptr, t, s_cache, half, dtype: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The cos and sin rows of token t's position, rounded to dtype as the reference does."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    dm = offs_d < half
+    cs = cache_ptr + pos * s_cache + offs_d
+    cos = tl.load(cs, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
+    sin = tl.load(cs + half, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
+    return cos, sin
 
 
 @_jit
 def _rotary_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr,
     sq0, sq1, sk0, sk1, s_cache, n_qh, n_kh, half,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    _gdc_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    dm = offs_d < half
-    cs = cache_ptr + pos * s_cache + offs_d
-    cos = tl.load(cs, mask=dm, other=0.0).to(qo_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    sin = tl.load(cs + half, mask=dm, other=0.0).to(qo_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr, qo_ptr, sq0, sq1, n_qh, t, cos, sin, half, BLOCK_H, BLOCK_HALF)
-    _rotate_heads(k_ptr, ko_ptr, sk0, sk1, n_kh, t, cos, sin, half, BLOCK_H, BLOCK_HALF)
+    cos, sin = _cos_sin(pos_ptr, cache_ptr, t, s_cache, half, qo_ptr.dtype.element_ty, BLOCK_HALF)
+    d = 2 * half
+    _rotate_heads(q_ptr + t * sq0, qo_ptr + t * n_qh * d, sq1, d, n_qh, cos, sin, half, BLOCK_H, BLOCK_HALF)
+    _rotate_heads(k_ptr + t * sk0, ko_ptr + t * n_kh * d, sk1, d, n_kh, cos, sin, half, BLOCK_H, BLOCK_HALF)
+
+
+def _rotary_blocks(hq: int, hk: int, d: int) -> tuple[int, int]:
+    bh = _pow2(d // 2)
+    return max(1, min(_pow2(max(hq, hk)), 4096 // bh)), bh
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor):
@@ -219,14 +279,65 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cach
         k = k.contiguous()
     if cache.stride(-1) != 1:
         cache = cache.contiguous()
-    half = d // 2
-    bh = _pow2(half)
-    heads = max(1, min(_pow2(max(hq, hk)), 4096 // bh))
+    heads, bh = _rotary_blocks(hq, hk, d)
     _rotary_kernel[(t,)](
         q, k, qo, ko, positions, cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        cache.stride(0), hq, hk, half, BLOCK_H=heads, BLOCK_HALF=bh, num_warps=4,
+        cache.stride(0), hq, hk, d // 2, BLOCK_H=heads, BLOCK_HALF=bh, num_warps=4, **launch_opts(q),
     )
     return qo, ko
+
+
+@_jit
+def _rotary_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cache_ptr,
+    sq0, sq1, sk0, sk1, sv0, sv1, sc0, sc1, sc2, svc0, svc1, svc2, s_cache,
+    n_qh, n_kh, half, block_size,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = False,
+):
+    _gdc_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    cos, sin = _cos_sin(pos_ptr, cache_ptr, t, s_cache, half, q_ptr.dtype.element_ty, BLOCK_HALF)
+    d = 2 * half
+    _rotate_heads(q_ptr + t * sq0, qo_ptr + t * n_qh * d, sq1, d, n_qh, cos, sin, half, BLOCK_H, BLOCK_HALF)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // block_size
+        off = slot % block_size
+        _rotate_heads(k_ptr + t * sk0, kc_ptr + blk * sc0 + off * sc1, sk1, sc2, n_kh, cos, sin, half,
+                      BLOCK_H, BLOCK_HALF)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, 2 * BLOCK_HALF)
+        for h0 in range(0, n_kh, BLOCK_H):
+            heads = h0 + offs_h
+            m = (heads < n_kh)[:, None] & (offs_d < d)[None, :]
+            v = tl.load(v_ptr + t * sv0 + heads[:, None] * sv1 + offs_d[None, :], mask=m)
+            dst = vc_ptr + blk * svc0 + off * svc1 + heads[:, None] * svc2 + offs_d[None, :]
+            tl.store(dst, v.to(vc_ptr.dtype.element_ty), mask=m)
+
+
+def rotary_write_kv(q, k, v, positions, cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """Rotates q [T, Hq, D] and k [T, Hk, D] by the positions' cos/sin rows; writes the rotated
+    k and v [T, Hk, D] into the paged cache at ``slot_mapping`` (skipping slots < 0) and
+    returns the rotated q (new, contiguous). q, k and v may be strided views of one fused
+    projection."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    qo = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
+    if t == 0:
+        return qo
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if cache.stride(-1) != 1:
+        cache = cache.contiguous()
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
+    heads, bh = _rotary_blocks(hq, hk, d)
+    _rotary_write_kv_kernel[(t,)](
+        q, k, v, qo, k_cache, v_cache, positions, slot_mapping, cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cache.stride(0),
+        hq, hk, d // 2, k_cache.shape[1], BLOCK_H=heads, BLOCK_HALF=bh, num_warps=4, **launch_opts(q),
+    )
+    return qo
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,8 +350,9 @@ def _write_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     sk0, sk1, sv0, sv1, sc0, sc1, sc2, svc0, svc1, svc2,
     n_heads, head_dim, block_size,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    _gdc_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -273,7 +385,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        hk, d, k_cache.shape[1], BLOCK_H=bh, BLOCK_D=bd, num_warps=4,
+        hk, d, k_cache.shape[1], BLOCK_H=bh, BLOCK_D=bd, num_warps=4, **launch_opts(k),
     )
 
 
@@ -304,7 +416,9 @@ def _decode_kernel(
     scale_log2, window, group, n_q_heads, head_dim, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MIN_PART: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    _gdc_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -372,8 +486,9 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     out_ptr, part_o_ptr, part_lse_ptr, qsl_ptr, seq_lens_ptr, so0, so1, window, n_q_heads, head_dim,
     NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    _gdc_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     q_row = tl.load(qsl_ptr + b)
@@ -406,7 +521,9 @@ def _prefill_kernel(
     scale_log2, window, group, head_dim, BLOCK_SIZE: tl.constexpr,
     SKIP_DECODES: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, G_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    _gdc_enter(PDL)
     BLOCK_Q: tl.constexpr = BLOCK_M // G_P2
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -534,14 +651,14 @@ def launch_decode(q, k_cache, v_cache, out, meta, scale, num_splits=None):
         float(scale) * _LOG2E, int(window or 0), group, hq, d, BLOCK_SIZE=bs,
         NUM_SPLITS=num_splits, DIRECT=direct, HAS_WINDOW=window is not None, IEEE=c["ieee"],
         BLOCK_G=max(16, _pow2(group)), BLOCK_N=block_n, BLOCK_D=c["block_d"], MIN_PART=min_part,
-        num_warps=4,
+        num_warps=4, **launch_opts(q),
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, hq)](
             out, part_o, part_lse, meta.query_start_loc, meta.seq_lens, out.stride(0), out.stride(1),
             int(window or 0), hq, d,
             NUM_SPLITS=num_splits, HAS_WINDOW=window is not None, BLOCK_S=max(2, _pow2(num_splits)),
-            BLOCK_D=c["block_d"], BLOCK_N=block_n, MIN_PART=min_part, num_warps=4,
+            BLOCK_D=c["block_d"], BLOCK_N=block_n, MIN_PART=min_part, num_warps=4, **launch_opts(q),
         )
     return out
 
@@ -569,7 +686,7 @@ def launch_prefill(q, k_cache, v_cache, out, meta, scale, skip_decodes=True, blo
         float(scale) * _LOG2E, int(window or 0), group, d, BLOCK_SIZE=bs,
         SKIP_DECODES=skip_decodes, HAS_WINDOW=window is not None, IEEE=c["ieee"],
         BLOCK_M=block_m, G_P2=g_p2, BLOCK_N=block_n, BLOCK_D=c["block_d"],
-        num_warps=8 if block_m * c["block_d"] >= 128 * 128 else 4,
+        num_warps=8 if block_m * c["block_d"] >= 128 * 128 else 4, **launch_opts(q),
     )
     return out
 

@@ -6,6 +6,8 @@ so the GPU never waits on Python between them. Every input lives in a persistent
 fixed address; a step copies its inputs in (one host-to-device copy per buffer from pinned
 staging), replays the graph of the smallest bucket that fits, and reads the hidden states out.
 Padding rows write no KV (slot -1) and attend to one token of block 0; their outputs are dropped.
+On a one-rank model the graph also holds the LM head: a step's float32 logits come out of the
+replay with the hidden states (``last_logits``), so sampling starts straight after it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class DecodeGraphs:
         self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.with_logits = model.mapping.tp == 1 and model.mapping.is_last_stage
+        self.logits: dict[int, torch.Tensor] = {}
+        self.last_logits: torch.Tensor | None = None  # the logits of the last ``run``, or None
         self.pool = None
 
     def _meta(self, b: int) -> AttentionMetadata:
@@ -60,9 +65,9 @@ class DecodeGraphs:
             sliding_window=self.model.cfg.sliding_window,
         )
 
-    def _run(self, b: int) -> torch.Tensor:
+    def _run(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         h, _ = self.model(self.input_ids[:b], self.positions[:b], self.kv.layers, self._meta(b))
-        return h
+        return h, (self.model.compute_logits(h) if self.with_logits else None)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -77,11 +82,13 @@ class DecodeGraphs:
         for b in reversed(self.buckets):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                out = self._run(b)
+                out, logits = self._run(b)
             if self.pool is None:
                 self.pool = g.pool()
             self.graphs[b] = g
             self.outputs[b] = out
+            if logits is not None:
+                self.logits[b] = logits
         torch.cuda.synchronize(self.device)
 
     def fits(self, num_seqs: int) -> bool:
@@ -118,5 +125,6 @@ class DecodeGraphs:
         if fix is not None:
             fix(self.input_ids[:n])
         self.graphs[b].replay()
+        self.last_logits = self.logits[b][:n] if self.with_logits else None
         return self.outputs[b][:n]
 

@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.kernels.activation import silu_and_mul
-from kiln.kernels.attention import AttentionMetadata, paged_attention, write_kv
-from kiln.kernels.gemv import linear
+from kiln.kernels.attention import AttentionMetadata, paged_attention, rotary_write_kv
+from kiln.kernels.gemv import linear, linear_silu_mul
 from kiln.kernels.moe import moe_forward, route
 from kiln.kernels.norm import add_rms_norm, rms_norm
-from kiln.kernels.rotary import apply_rotary, cos_sin_cache
+from kiln.kernels.rotary import cos_sin_cache
 from kiln.parallel.expert_parallel import ep_moe_forward
 from kiln.parallel.mapping import Mapping
 from kiln.runtime.config import ModelConfig
@@ -107,9 +106,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = rms_norm(q, self.q_norm.weight, self.eps)
             k = rms_norm(k, self.k_norm.weight, self.eps)
-        q, k = apply_rotary(q, k, positions, rope_cache)
         k_cache, v_cache = kv
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = rotary_write_kv(q, k, v, positions, rope_cache, k_cache, v_cache, meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
         return comm.all_reduce(linear(o.reshape(t, self.q_size), self.o_proj.weight))
 
@@ -123,7 +121,7 @@ class MLP(nn.Module):
         self.down_proj.weight = _param(cfg.hidden_size, ls.intermediate, dtype=dtype, device=device)
 
     def forward(self, x, comm):
-        h = silu_and_mul(linear(x, self.gate_up_proj.weight))
+        h = linear_silu_mul(x, self.gate_up_proj.weight)
         return comm.all_reduce(linear(h, self.down_proj.weight))
 
 
@@ -240,7 +238,9 @@ class DecoderModel(nn.Module):
 
     def tune_linears(self, m_values=(1, 2)) -> list[dict]:
         """On a GPU, picks the fastest kernel (Triton GEMV or cuBLAS) for each projection's shape at
-        the decode batch sizes ``m_values`` (``kiln.kernels.gemv``); KILN_GEMV=0 skips it."""
+        the decode batch sizes ``m_values``, and for the MLP's gate/up projection the fused
+        ``silu(gate) * up`` GEMV against the product plus the activation kernel
+        (``kiln.kernels.gemv``); KILN_GEMV=0 skips it."""
         from kiln.kernels import gemv, triton_ops
 
         dev = next(self.parameters()).device
@@ -249,9 +249,14 @@ class DecoderModel(nn.Module):
         names = ("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight", "down_proj.weight", "lm_head.weight")
         shapes = sorted({tuple(p.shape) for n, p in self.named_parameters() if p.dim() == 2 and n.endswith(names)})
         dt = str(self.dtype).removeprefix("torch.")
-        done = {tuple(r["shape"]) for r in gemv.tuned_table() if r.get("dtype") == dt}
-        todo = [s for s in shapes if any((m, *s) not in done for m in m_values)]
-        rows = gemv.tune(todo, dtype=self.dtype, device=dev, m_values=m_values) if todo else []
+        glu_shapes = sorted({tuple(p.shape) for n, p in self.named_parameters() if n.endswith("gate_up_proj.weight")})
+        rows = []
+        for glu, group in ((False, shapes), (True, glu_shapes)):
+            op = "glu" if glu else "linear"
+            done = {tuple(r["shape"]) for r in gemv.tuned_table() if r.get("dtype") == dt and r.get("op", "linear") == op}
+            todo = [s for s in group if any((m, *s) not in done for m in m_values)]
+            if todo:
+                rows += gemv.tune(todo, dtype=self.dtype, device=dev, m_values=m_values, glu=glu)
         torch.cuda.empty_cache()
         return rows
 

@@ -268,8 +268,10 @@ class ModelRunner:
         if self.time_gpu and self.device.type == "cuda":
             ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             ev[0].record()
+        graph_logits = None
         if self.graphs is not None and len(ids) == len(qlens) and self.graphs.fits(len(ids)) and not self.keep_logits:
             hidden = self.graphs.run(ids, pos, slots, slens, tables, fix=self._apply_fix if self._fix else None)
+            graph_logits = self.graphs.last_logits
         elif self.model.mapping.pp > 1 and len(qlens) > 1:
             if self._fix:
                 raise RuntimeError("a pipeline-parallel step cannot take device-resident input tokens")
@@ -298,7 +300,7 @@ class ModelRunner:
             sampled_ids_host = sampled_ids if self.samples else []
         elif sampled_ids:
             if sample_rows == list(range(hidden.shape[0])):
-                logits = self.model.compute_logits(hidden)
+                logits = graph_logits if graph_logits is not None else self.model.compute_logits(hidden)
             else:
                 logits = self.model.compute_logits(hidden.index_select(0, h2d(sample_rows, torch.long, self.device)))
             if self.samples:

@@ -23,6 +23,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
 
 from kiln.kernels import gemv  # noqa: E402
+from kiln.kernels.activation import silu_and_mul_ref  # noqa: E402
 from kiln.kernels.gemv import GemvConfig  # noqa: E402
 
 if INTERPRET:
@@ -100,6 +101,30 @@ def test_gemv_rows_split_over_programs(m, rows):
     _check(gemv.gemv(x, w, GemvConfig(8, 32, 4, 4, rows)), x, w)
 
 
+@in_child
+@pytest.mark.parametrize("dtype", [torch.float32, BF])
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("cfg", SMALL + [GemvConfig(2, 64, 4, 2, 1)], ids=lambda c: c.name)
+def test_gemv_glu(cfg, m, dtype):
+    """The fused gate/up product: silu(x @ gate.T) * (x @ up.T) from one [2I, K] weight, with an
+    I (37) that no BLOCK_N / 2 divides and a K tail."""
+    i, k = 37, 200
+    x = _randn(m, k, dtype=dtype, seed=20 + m)
+    w = _randn(2 * i, k, dtype=dtype, seed=30 + m)
+    y = gemv.gemv(x, w, cfg, glu=True)
+    assert y.shape == (m, i) and y.dtype == dtype
+    ref = silu_and_mul_ref(gemv.gemv_ref(x, w))
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    else:  # as _check: the float32 result rounded once to bfloat16
+        torch.testing.assert_close(y.float(), ref, atol=1e-2 * ref.abs().mean().item(), rtol=1.6e-2)
+
+
+def test_linear_silu_mul_on_cpu_is_the_two_ops():
+    x, w = _randn(3, 64, seed=9), _randn(80, 64, seed=10)
+    assert torch.equal(gemv.linear_silu_mul(x, w), silu_and_mul_ref(F.linear(x, w)))
+
+
 def test_linear_on_cpu_is_f_linear():
     x, w, b = _randn(3, 2, 64, seed=6), _randn(40, 64, seed=7), _randn(40, seed=8)
     assert torch.equal(gemv.linear(x, w, b), F.linear(x, w, b))
@@ -136,11 +161,15 @@ def test_table_round_trip():
                  cublas_us=20.0),
             dict(shape=[2, 4096, 4096], dtype="bfloat16", choice="cublas", us=15.0, gb_s=2200.0,
                  cublas_us=15.0),
+            dict(shape=[1, 4096, 4096], dtype="bfloat16", op="glu", choice="n4k512w4s1r1", us=13.0,
+                 gb_s=2600.0, cublas_us=22.0),
         ]
         gemv.load_table(json.loads(json.dumps(rows)))
         assert gemv.choice(1, 4096, 4096, BF) == GemvConfig(8, 1024, 4, 2, 2)
         assert gemv.choice(2, 4096, 4096, BF) is None
         assert gemv.choice(1, 4096, 4096, torch.float16) is None
+        assert gemv.choice(1, 4096, 4096, BF, glu=True) == GemvConfig(4, 512, 4, 1, 1)
+        assert gemv.choice(2, 4096, 4096, BF, glu=True) is None
         assert json.loads(json.dumps(gemv.tuned_table())) == rows
     finally:
         gemv.clear_table()

@@ -21,7 +21,9 @@ pytestmark = [
 
 from kiln.kernels import triton_ops as ops  # noqa: E402
 from kiln.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from kiln.kernels.attention import paged_attention, paged_attention_ref, write_kv_ref  # noqa: E402
+from kiln.kernels.attention import (  # noqa: E402
+    paged_attention, paged_attention_ref, rotary_write_kv, rotary_write_kv_ref, write_kv_ref,
+)
 from kiln.kernels.norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 from kiln.kernels.rotary import apply_rotary, apply_rotary_ref, cos_sin_cache  # noqa: E402
 
@@ -133,6 +135,28 @@ def test_write_kv_with_padding(hk, d, bs, dtype):
     ops.write_kv(k, v, kc, vc, slots)
     write_kv_ref(k, v, kc_ref, vc_ref, slots)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+@pytest.mark.parametrize("dtype", [BF, FP16])
+@pytest.mark.parametrize("t,hq,hk,d,bs", [(1, 32, 8, 128, 16), (300, 32, 8, 128, 32), (33, 14, 2, 64, 16), (5, 4, 1, 32, 16)])
+def test_rotary_write_kv(t, hq, hk, d, bs, dtype):
+    """Rotary and the cache write in one kernel against apply_rotary_ref + write_kv_ref."""
+    nb = -(-t // bs) + 8
+    q, k, v = fused_qkv_views(t, hq, hk, d, dtype, DEV, seed=18)
+    cache = cos_sin_cache(d, 8192, 500000.0, device=DEV)
+    pos = torch.randint(0, 8192, (t,), generator=torch.Generator().manual_seed(19)).to(DEV)
+    slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(20))[:t].to(DEV)
+    slots[::5] = -1
+    kc, vc = _randn(nb, bs, hk, d, dtype=dtype, seed=21), _randn(nb, bs, hk, d, dtype=dtype, seed=22)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    qo = ops.rotary_write_kv(q, k, v, pos, cache, kc, vc, slots)
+    q_ref = rotary_write_kv_ref(q, k, v, pos, cache, kc_ref, vc_ref, slots)
+    _close(qo, q_ref, 2e-2)
+    _close(kc, kc_ref, 2e-2)
+    assert torch.equal(vc, vc_ref)
+    kc2, vc2 = kc_ref.clone(), vc_ref.clone()
+    assert torch.equal(rotary_write_kv(q, k, v, pos, cache, kc2, vc2, slots), qo)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,3 +517,101 @@ def test_linear_cuda_graph(gemv_tuned):
         graph.replay()
         _check_gemv(y_tuned, gemv.gemv_ref(x, w_tuned), tol=2e-2)
         _check_gemv(y_other, gemv.gemv_ref(x, w_other), tol=2e-2)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("i,k", [(14336, 4096), (1000, 1544)])
+def test_gemv_glu_every_config(i, k, m):
+    """The fused gate/up GEMV: silu(x @ gate.T) * (x @ up.T) from one [2I, K] weight."""
+    x = _randn(m, k, seed=90)
+    w = _randn(2 * i, k, seed=91, scale=0.05)
+    ref = silu_and_mul_ref(gemv.gemv_ref(x, w))
+    out = torch.full((m, i), float("nan"), device=DEV, dtype=BF)
+    for cfg in gemv.configs(m, BF):
+        out.fill_(float("nan"))
+        gemv.gemv(x, w, cfg, out=out, glu=True)
+        _check_gemv(out, ref)
+
+
+def test_linear_silu_mul_after_tune():
+    saved = gemv.tuned_table()
+    try:
+        gemv.clear_table()
+        i, k = 14336, 4096
+        rows = gemv.tune([(2 * i, k)], BF, DEV, m_values=(1, 2), reps=5, glu=True)
+        assert [r["op"] for r in rows] == ["glu", "glu"]
+        for m in (1, 2):
+            row = next(r for r in rows if r["shape"][0] == m)
+            x = _randn(m, k, seed=92 + m)
+            w = _randn(2 * i, k, seed=94, scale=0.05)
+            y = gemv.linear_silu_mul(x, w)
+            _check_gemv(y, silu_and_mul_ref(gemv.gemv_ref(x, w)), tol=2e-2)
+            cfg = gemv.choice(m, 2 * i, k, BF, glu=True)
+            assert (cfg is None) == (row["choice"] == "cublas")
+            expected = silu_and_mul(F.linear(x, w)) if cfg is None else gemv.gemv(x, w, cfg, glu=True)
+            assert torch.equal(y, expected)
+            assert gemv.choice(m, 2 * i, k, BF) is None  # the plain product was not tuned
+    finally:
+        gemv.clear_table()
+        gemv.load_table(saved)
+
+
+def test_pdl_chain_in_cuda_graph(monkeypatch):
+    """A decode step's chain of dependent kernels (norm, GEMVs, fused rotary + cache write,
+    paged attention, fused gate/up) over many layers, captured in a CUDA graph with
+    programmatic dependent launch, against the same chain launched plainly: a kernel that
+    read its input before the previous kernel finished writing it would differ by O(1)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    h, hq, hk, d, inter, layers, bs = 512, 8, 2, 64, 1024, 12, 16
+    seqs, ctx = 4, [5, 40, 129, 300]
+    tables = torch.randperm(96, generator=torch.Generator().manual_seed(95))[: seqs * 20].view(seqs, 20)
+    meta = make_meta([c + 1 for c in ctx], [1] * seqs, tables, bs, DEV)
+    pos = torch.tensor(ctx, device=DEV)
+    cache = cos_sin_cache(d, 4096, 10000.0, device=DEV)
+    ws = [dict(qkv=_randn((hq + 2 * hk) * d, h, seed=100 + j, scale=0.05), o=_randn(h, hq * d, seed=200 + j, scale=0.05),
+               gu=_randn(2 * inter, h, seed=300 + j, scale=0.05), down=_randn(h, inter, seed=400 + j, scale=0.05),
+               n1=_randn(h, seed=500 + j), n2=_randn(h, seed=600 + j)) for j in range(layers)]
+    kv0 = [(_randn(96, bs, hk, d, seed=700 + j), _randn(96, bs, hk, d, seed=800 + j)) for j in range(layers)]
+    x_in = _randn(seqs, h, seed=900)
+    cfg = gemv.GemvConfig(4, 512, 4, 2, 2)
+
+    def step(x, kv):
+        res = x
+        y = rms_norm(x, ws[0]["n1"], 1e-5)
+        for j, w in enumerate(ws):
+            if j:
+                y, res = add_rms_norm(x, res, w["n1"], 1e-5)
+            qkv = gemv.gemv(y, w["qkv"], cfg)
+            q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+            q = rotary_write_kv(q.view(seqs, hq, d), k.view(seqs, hk, d), v.view(seqs, hk, d), pos, cache,
+                                kv[j][0], kv[j][1], meta.slot_mapping)
+            a = paged_attention(q, kv[j][0], kv[j][1], meta, d**-0.5)
+            x = gemv.gemv(a.view(seqs, hq * d), w["o"], cfg)
+            y, res = add_rms_norm(x, res, w["n2"], 1e-5)
+            x = gemv.gemv(gemv.gemv(y, w["gu"], cfg, glu=True), w["down"], cfg)
+        return x + res
+
+    monkeypatch.setattr(ops, "_PDL_ENV", False)
+    assert not ops.pdl(x_in)
+    kv_plain = [(a.clone(), b.clone()) for a, b in kv0]
+    plain = step(x_in, kv_plain)
+    monkeypatch.setattr(ops, "_PDL_ENV", True)
+    assert ops.pdl(x_in)
+    kv_pdl = [(a.clone(), b.clone()) for a, b in kv0]
+    x_buf = x_in.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(x_buf, kv_pdl)  # compiles the PDL variants
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(x_buf, kv_pdl)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out.float(), plain.float(), atol=2e-2, rtol=2e-2)
+        for (a, b), (c, e) in zip(kv_pdl, kv_plain):
+            torch.testing.assert_close(a.float(), c.float(), atol=2e-2, rtol=2e-2)
+            assert torch.equal(b, e)

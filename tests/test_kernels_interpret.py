@@ -25,7 +25,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
 
 from kiln.kernels.activation import silu_and_mul_ref  # noqa: E402
-from kiln.kernels.attention import paged_attention_ref, write_kv_ref  # noqa: E402
+from kiln.kernels.attention import paged_attention_ref, rotary_write_kv_ref, write_kv_ref  # noqa: E402
 from kiln.kernels.norm import add_rms_norm_ref, rms_norm_ref  # noqa: E402
 from kiln.kernels.rotary import apply_rotary_ref, cos_sin_cache  # noqa: E402
 
@@ -163,6 +163,29 @@ def test_write_kv_skips_padding():
     ops.write_kv(k, v, kc, vc, slots)
     write_kv_ref(k, v, kc_ref, vc_ref, slots)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+@in_child
+@pytest.mark.parametrize("hq,hk,d,bs", [(4, 2, 32, 16), (3, 1, 64, 8)])
+def test_rotary_write_kv(hq, hk, d, bs):
+    """Rotary and the cache write in one kernel: q as apply_rotary's, the cache as write_kv's of
+    the rotated k and of v (strided views of one fused projection; padding slots untouched)."""
+    t, nb = 9, 5
+    q, k, v = fused_qkv_views(t, hq, hk, d, BF, "cpu", seed=14)
+    cache = cos_sin_cache(d, 256, 10000.0)
+    pos = torch.randint(0, 256, (t,), generator=torch.Generator().manual_seed(15))
+    slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(16))[:t]
+    slots[[2, 6]] = -1
+    kc, vc = _randn(nb, bs, hk, d, seed=17), _randn(nb, bs, hk, d, seed=18)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    qo = ops.rotary_write_kv(q, k, v, pos, cache, kc, vc, slots)
+    q_ref = rotary_write_kv_ref(q, k, v, pos, cache, kc_ref, vc_ref, slots)
+    _close(qo, q_ref, 2e-2)
+    _close(kc, kc_ref, 2e-2)
+    assert torch.equal(vc, vc_ref)
+    untouched = torch.ones(nb * bs, dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    assert torch.equal(kc.view(nb * bs, hk, d)[untouched], kc_ref.view(nb * bs, hk, d)[untouched])
 
 
 def _attn(case, **kw):
