@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -161,24 +162,81 @@ def busy_fraction(spans, min_seqs: int = 0) -> tuple[float | None, int]:
     return (round(busy / total, 3) if total else None), n
 
 
+class HostPhases:
+    """Host time per engine step in its phases (scheduling, launching, waiting for the device,
+    processing tokens), by wrapping those methods of one engine for the benchmark's duration."""
+
+    NAMES = ("schedule", "launch", "wait", "process")
+
+    def __init__(self, engine):
+        from kiln.runtime import model_runner
+
+        self.cur = dict.fromkeys(self.NAMES, 0.0)
+        self.steps: list[tuple[bool, int, dict]] = []
+        self._undo = []
+        self._wrap(engine.scheduler, "schedule", "schedule")
+        self._wrap(engine.executor.runner, "launch", "launch")
+        self._wrap(engine, "_process", "process")
+        self._wrap(model_runner.PendingStep, "result", "wait", cls=True)
+
+    def _wrap(self, obj, attr, name, cls=False):
+        f = getattr(obj, attr)
+        cur = self.cur
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                cur[name] += time.perf_counter() - t
+
+        setattr(obj, attr, timed)
+        self._undo.append((obj, attr, f if cls else None))
+
+    def end_step(self, decode_only: bool, seqs: int) -> None:
+        self.steps.append((decode_only, seqs, dict(self.cur)))
+        for k in self.cur:
+            self.cur[k] = 0.0
+
+    def restore(self) -> None:
+        for obj, attr, f in self._undo:
+            if f is not None:
+                setattr(obj, attr, f)
+            else:
+                delattr(obj, attr)
+
+    def medians_ms(self, seqs: int) -> dict:
+        rows = [d for dec, n, d in self.steps if dec and n >= seqs]
+        if not rows:
+            return {}
+        return {k: round(statistics.median(r[k] for r in rows) * 1000, 2) for k in self.NAMES}
+
+
 def offline_throughput(engine, reqs) -> dict:
+    """Workload (b) as ``LLM.generate`` runs it: outputs detokenized once, at the end."""
     from kiln.runtime.sampling_params import SamplingParams
 
     runner = engine.executor.runner
+    engine.stream_outputs = False
     for i, (p, m) in enumerate(reqs):
         engine.add_request(f"o{i}", p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True))
     torch.cuda.synchronize()
     runner.time_gpu = True
     runner.gpu_spans.clear()
+    phases = HostPhases(engine)
     t0 = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
+        phases.end_step(runner.last_step_decode_only, runner.last_step_seqs)
     wall = time.perf_counter() - t0
+    phases.restore()
     runner.time_gpu = False
+    engine.stream_outputs = True
     torch.cuda.synchronize()
     spans = runner.gpu_spans
     busy, n_decode = busy_fraction(spans)
     busy256, n256 = busy_fraction(spans, 256)
+    gpu256 = [s.elapsed_time(e) for d, n, s, e in spans if d and n >= 256]
     out_tokens = sum(m for _, m in reqs)
     return {
         "output_tokens_per_s": round(out_tokens / wall, 1),
@@ -189,6 +247,8 @@ def offline_throughput(engine, reqs) -> dict:
         "gpu_busy_fraction_batch256": busy256,
         "decode_steps_at_batch256": n256,
         "max_batch": max((s[1] for s in spans), default=0),
+        "gpu_ms_per_step_batch256_p50": round(statistics.median(gpu256), 2) if gpu256 else None,
+        "host_ms_per_step_batch256_p50": phases.medians_ms(256),
         "preemptions": engine.stats()["preemptions"],
     }
 

@@ -82,6 +82,11 @@ class BlockManager:
     def block_table(self, seq_id) -> list[int]:
         return list(self._seq(seq_id).table)
 
+    def live_table(self, seq_id) -> list[int]:
+        """The sequence's block table itself (not a copy; do not modify). It only ever grows at
+        its end or has its last entry replaced by copy-on-write."""
+        return self._seq(seq_id).table
+
     def num_tokens(self, seq_id) -> int:
         return len(self._seq(seq_id).tokens)
 

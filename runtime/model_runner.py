@@ -303,7 +303,10 @@ class ModelRunner:
                 logits = graph_logits if graph_logits is not None else self.model.compute_logits(hidden)
             else:
                 logits = self.model.compute_logits(hidden.index_select(0, h2d(sample_rows, torch.long, self.device)))
-            if self.samples:
+            if self.samples and all(self._plain_greedy(sid, allowed_masks) for sid in sampled_ids):
+                draw = self.sampler.launch_greedy(logits)
+                tokens = draw.token_ids
+            elif self.samples:
                 rows = []
                 for sid in sampled_ids:
                     st = self.seqs[sid]

@@ -157,6 +157,13 @@ class Sampler:
         return Draw(token_ids, token_ids.to("cpu", non_blocking=True), lp_host, logprob_info)
 
     @staticmethod
+    def launch_greedy(logits: torch.Tensor) -> "Draw":
+        """``launch`` for rows that all take the plain argmax (greedy, no masks, penalties or
+        logprobs): no per-row inputs needed."""
+        token_ids = logits.argmax(dim=-1)
+        return Draw(token_ids, token_ids.to("cpu", non_blocking=True), None, {})
+
+    @staticmethod
     def finish(draw: "Draw") -> list[SampleResult]:
         """The host-side results of ``launch``; the caller has waited for the device (or runs on a CPU)."""
         ids_cpu = draw.host_ids.tolist()

@@ -179,7 +179,7 @@ class Scheduler:
         return True
 
     def _emit(self, plan: StepPlan, seq: Sequence, n: int) -> None:
-        table = self.bm.block_table(seq.seq_id)
+        table = self.bm.live_table(seq.seq_id)
         sample = seq.num_computed + n == len(seq.token_ids)
         if seq.sent_table is None:
             req = seq.request
@@ -198,10 +198,14 @@ class Scheduler:
                 )
             )
         else:
+            # A live table only grows at its end or has its last entry replaced (copy-on-write):
+            # where the workers' last entry still stands, only the new entries need sending.
             old = seq.sent_table
-            start = 0
-            while start < min(len(old), len(table)) and old[start] == table[start]:
-                start += 1
+            start = len(old)
+            if start > len(table) or (start and table[start - 1] != old[-1]):
+                start = 0
+                while start < min(len(old), len(table)) and old[start] == table[start]:
+                    start += 1
             plan.cached.append(
                 CachedSeq(
                     seq_id=seq.seq_id,
@@ -212,7 +216,11 @@ class Scheduler:
                     sample=sample,
                 )
             )
-        seq.sent_table = list(table)
+        if seq.sent_table is None:
+            seq.sent_table = list(table)
+        else:
+            del seq.sent_table[start:]
+            seq.sent_table.extend(table[start:])
         seq.sent_len = len(seq.token_ids)
         self.bm.mark_computed(seq.seq_id, seq.num_computed)  # KV of earlier steps is in the cache now
         seq.num_computed += n
