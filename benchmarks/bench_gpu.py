@@ -375,6 +375,24 @@ def plot(path: str, rows: list[tuple[str, float, float]]) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_from_records(results: str, device: str) -> str:
+    """Redraws gpu-throughput.png from the newest decode, offline and baseline records of a device."""
+    import glob
+    import json
+
+    def newest(kind):
+        paths = sorted(glob.glob(os.path.join(results, f"{kind}-{device}-*.json")))
+        if not paths:
+            raise SystemExit(f"no {kind} record for {device} in {results}")
+        return json.load(open(paths[-1]))["metrics"]
+
+    dec, off, base = newest("gpu-decode-batch1"), newest("gpu-offline-throughput"), newest("gpu-hf-baseline")
+    path = os.path.join(results, "gpu-throughput.png")
+    plot(path, [("offline (b)", off["output_tokens_per_s"], base["baseline_output_tokens_per_s"]),
+                ("batch-1 decode", 1000 / dec["decode_ms_per_token"], 1000 / base["baseline_decode_ms_per_token"])])
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3-8b")
@@ -383,7 +401,13 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--parts", default="abcd")
     ap.add_argument("--policy", default="guaranteed_no_evict")
+    ap.add_argument("--plot-only", metavar="DEVICE", help="redraw the plot from this device's records "
+                    "(its slug in record names, e.g. nvidia-h100-80gb-hbm3) and exit")
     a = ap.parse_args()
+    if a.plot_only:
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        print(plot_from_records(os.environ.get("KILN_RESULTS_DIR", here), a.plot_only))
+        return
     from kiln.runtime.engine import LLMEngine
 
     bw = copy_bandwidth()
@@ -425,7 +449,7 @@ def main() -> None:
             m["speedup_vs_baseline"] = round(m["output_tokens_per_s"] / base["baseline_output_tokens_per_s"], 2)
         write_record("gpu-offline-throughput", a.model,
                      {**settings, "requests": len(reqs), "input_tokens": "uniform 128-2048", "output_tokens": "uniform 128-1024",
-                      "ignore_eos": True}, m)
+                      "ignore_eos": True, "outputs": "at finish, as LLM.generate (stream_outputs off)"}, m)
         if base:
             plot(os.path.join(os.environ.get("KILN_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results")),
                               "gpu-throughput.png"),
