@@ -12,8 +12,10 @@ Runs are ``model:layout`` with layout like tp4, tp2pp2, tp4ep4 or tp4dp2:
 
     python benchmarks/bench_cluster.py --topology cluster_configs/h200-4gpu.yaml \\
         --runs llama-3-70b:tp4,llama-3-70b:tp2pp2,mixtral-8x7b:tp4ep4,mixtral-8x7b:tp4ep1 --batches 128,256
-    python benchmarks/bench_cluster.py --topology cluster_configs/hgx-h200-8gpu.yaml --weights-at-load \
+    python benchmarks/bench_cluster.py --topology cluster_configs/hgx-h200-8gpu.yaml --weights-at-load \\
         --runs llama-3.1-405b:tp8 --batches 64,256 --input 1024 --output 1024 --ttft-tokens 4096
+    python benchmarks/bench_cluster.py --topology cluster_configs/h200-2gpu.yaml --weights-at-load \\
+        --runs llama-3-8b:tp2 --batches 1,64 --input 128 --output 64       # tp=2 through Ray on two GPUs
     python benchmarks/bench_cluster.py --topology local-cpu.yaml --runs tiny-llama:tp2 --batches 4 \\
         --input 32 --output 8 --device cpu                                   # a check on CPUs
 """

@@ -7,7 +7,7 @@ prompts are prefilled, then decode steps are timed. The all-reduce share is meas
 process per rank replays the step's collectives alone (two all-reduces of [B, hidden] per layer,
 captured in a CUDA graph on GPUs) on the same GPUs, and their time is divided by the step's.
 
-    python benchmarks/bench_tp.py --model llama-3-8b --tp 1,2 --batches 1,64
+    python benchmarks/bench_tp.py --model llama-3-8b --tp 1,2 --batches 1,64 --weights-at-load
     python benchmarks/bench_tp.py --model tiny-llama --tp 1,2 --batches 1,4 --device cpu   # a check on CPUs
 """
 
@@ -26,12 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from record import write_record  # noqa: E402
 
 
-def build(model: str, tp: int, device: str, dtype: str, root: str) -> str:
-    out = os.path.join(root, f"{model}-{dtype}-tp{tp}")
+def build(model: str, tp: int, device: str, dtype: str, root: str, at_load: bool = False) -> str:
+    out = os.path.join(root, f"{model}-{dtype}-tp{tp}" + ("-at-load" if at_load else ""))
     if not os.path.exists(os.path.join(out, "engine.json")):
         subprocess.run([sys.executable, "-m", "kiln.launch.cli", "build", "--model", model, "--random-weights", "--dtype", dtype,
                         "--device", device, "--tp", str(tp), "--output", out, "--max-batch-size", "256", "--max-seq-len", "2048",
-                        "--quiet"], check=True)
+                        "--quiet"] + (["--weights-at-load"] if at_load else []), check=True)
     return out
 
 
@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--engines", default="/tmp/kiln-engines")
+    ap.add_argument("--weights-at-load", action="store_true",
+                    help="build without weight files; each rank draws its weights at load (no minute-long writes)")
     a = ap.parse_args()
     from kiln.runtime.engine import LLMEngine
 
@@ -130,7 +132,7 @@ def main() -> None:
     batches = [int(b) for b in a.batches.split(",")]
     rows = []
     for tp in tps:
-        eng_dir = build(a.model, tp, a.device, dtype, a.engines)
+        eng_dir = build(a.model, tp, a.device, dtype, a.engines, a.weights_at_load)
         engine = LLMEngine(eng_dir)
         cfg = engine.config.model
         try:
@@ -154,7 +156,8 @@ def main() -> None:
             if one and r["tp"] > 1 and r["batch"] == b:
                 metrics[f"speedup_tp{r['tp']}_batch{b}"] = round(one["step_ms"] / r["step_ms"], 3)
     write_record("tensor-parallel-decode", a.model, {"dtype": dtype, "tp": tps, "batches": batches, "prompt_tokens": 128,
-                                                     "steps": a.steps, "launcher": "local"}, metrics)
+                                                     "steps": a.steps, "launcher": "local",
+                                                     "weights_at_load": a.weights_at_load}, metrics)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,22 @@ _REPLACEMENT = "\ufffd"
 _PROMPT_CONTEXT = 5
 
 
+def _backend_decoder(tokenizer):
+    """The ``tokenizers.Tokenizer`` behind a Hugging Face fast tokenizer whose decoding is the
+    stock one, or None. Without clean-up, the stock ``decode`` is exactly the backend's decode
+    behind a few layers of argument handling that cost more than the decode of a short window."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        return None
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return None
+    cls = type(tokenizer)
+    if cls.decode is not PreTrainedTokenizerFast.decode or cls._decode is not PreTrainedTokenizerFast._decode:
+        return None
+    return getattr(tokenizer, "_tokenizer", None)
+
+
 class IncrementalDetokenizer:
     """Decodes one sequence's output tokens as they arrive.
 
@@ -24,6 +40,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        self._backend = _backend_decoder(tokenizer)
         context = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         # Start the window after any tail of the context that does not decode cleanly, so
         # that a cut through a character in the prompt cannot leak into the output text.
@@ -39,6 +56,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=self._skip)
         return self._tokenizer.decode(
             ids, skip_special_tokens=self._skip, clean_up_tokenization_spaces=False
         )

@@ -348,7 +348,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=seq.index,
                     text=text,
-                    token_ids=list(seq.output_ids),
+                    token_ids=seq.output_ids,  # a new list (a slice)
                     cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                     logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                     finish_reason=seq.finish_reason,

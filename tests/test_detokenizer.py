@@ -43,6 +43,24 @@ TEXTS = [
 ]
 
 
+def test_fast_tokenizers_decode_through_their_backend(tokenizer):
+    """The built-in (fast) tokenizer decodes windows through its tokenizers backend directly,
+    which gives what its decode gives; anything else goes through ``decode``."""
+    detok = IncrementalDetokenizer(tokenizer, [])
+    assert detok._backend is tokenizer.backend_tokenizer
+    ids = tokenizer.encode(TEXTS[2] + TEXTS[3], add_special_tokens=False) + [tokenizer.eos_token_id]
+    for skip in (True, False):
+        for cut in range(1, len(ids), 3):
+            assert detok._backend.decode(ids[:cut], skip_special_tokens=skip) == tokenizer.decode(
+                ids[:cut], skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+    class Wrapped:
+        def decode(self, ids, **kw):
+            return tokenizer.decode(ids, **kw)
+
+    assert IncrementalDetokenizer(Wrapped(), [])._backend is None
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_incremental_matches_one_shot(tokenizer, text):
     ids = tokenizer.encode(text, add_special_tokens=False)
