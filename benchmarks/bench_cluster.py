@@ -26,7 +26,6 @@ import argparse
 import os
 import random
 import re
-import subprocess
 import sys
 import time
 
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_tp import allreduce_ms, step_ms  # noqa: E402
-from record import write_record  # noqa: E402
+from record import build_random_engine, write_record  # noqa: E402
 
 
 def parse_layout(text: str) -> dict:
@@ -44,19 +43,6 @@ def parse_layout(text: str) -> dict:
     if not re.fullmatch(r"((tp|pp|ep|dp)\d+)+", text):
         raise SystemExit(f"bad layout {text!r}: write it like tp4, tp2pp2, tp4ep4 or tp4dp2")
     return lay
-
-
-def build(model: str, lay: dict, device: str, dtype: str, root: str, max_seq: int, at_load: bool = False) -> str:
-    name = f"{model}-{dtype}-tp{lay['tp']}pp{lay['pp']}ep{lay['ep']}"
-    out = os.path.join(root, name)
-    if not os.path.exists(os.path.join(out, "engine.json")):
-        t = time.time()
-        subprocess.run([sys.executable, "-m", "kiln.launch.cli", "build", "--model", model, "--random-weights", "--dtype", dtype,
-                        "--device", device, "--tp", str(lay["tp"]), "--pp", str(lay["pp"]), "--ep", str(lay["ep"]),
-                        "--output", out, "--max-batch-size", "256", "--max-seq-len", str(max_seq), "--quiet"]
-                       + (["--weights-at-load"] if at_load else []), check=True)
-        print(f"built {name} in {time.time() - t:.0f} s", flush=True)
-    return out
 
 
 def throughput(engine, batch: int, n_in: int, n_out: int) -> dict:
@@ -128,7 +114,9 @@ def main() -> None:
     for run in a.runs.split(","):
         model, _, lay_text = run.partition(":")
         lay = parse_layout(lay_text)
-        eng_dir = build(model, lay, a.device, dtype, a.engines, max_seq, a.weights_at_load)
+        name = f"{model}-{dtype}-tp{lay['tp']}pp{lay['pp']}ep{lay['ep']}" + ("-at-load" if a.weights_at_load else "")
+        eng_dir = build_random_engine(model, os.path.join(a.engines, name), dtype=dtype, device=a.device, tp=lay["tp"],
+                                      pp=lay["pp"], ep=lay["ep"], max_seq_len=max_seq, at_load=a.weights_at_load)
         topo = base.model_copy(update={"layout": base.layout.model_copy(update=lay)})
         engine = make_ray_engine(eng_dir, topo)
         cfg = engine.config.model

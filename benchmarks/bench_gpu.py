@@ -19,14 +19,13 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from record import write_record  # noqa: E402
+from record import build_random_engine, write_record  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
@@ -42,16 +41,6 @@ def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
     e.record()
     torch.cuda.synchronize()
     return 2 * nbytes * iters / (s.elapsed_time(e) / 1000)
-
-
-def build(model: str, out: str, max_batch: int, max_seq: int) -> str:
-    if not os.path.exists(os.path.join(out, "engine.json")):
-        t = time.time()
-        subprocess.run([sys.executable, "-m", "kiln.launch.cli", "build", "--model", model, "--random-weights", "--dtype", "bfloat16",
-                        "--device", "cuda", "--output", out, "--max-batch-size", str(max_batch), "--max-seq-len", str(max_seq),
-                        "--max-num-tokens", "8192", "--quiet"], check=True)
-        print(f"built {out} in {time.time() - t:.1f} s", flush=True)
-    return out
 
 
 def weight_bytes(engine) -> tuple[int, int]:
@@ -418,7 +407,8 @@ def main() -> None:
                      "workload": "requests 0-127 of (b)", "batch": base["baseline_batch"]}, base)
     if not set(a.parts) & set("abd"):
         return
-    eng_dir = build(a.model, os.path.join(a.engines, f"{a.model}-bf16"), 256, 4096)
+    eng_dir = build_random_engine(a.model, os.path.join(a.engines, f"{a.model}-bf16"), dtype="bfloat16", device="cuda",
+                                  max_batch_size=256, max_seq_len=4096, max_num_tokens=8192)
     t = time.time()
     engine = LLMEngine(eng_dir, scheduler_policy=a.policy)
     print(f"loaded in {time.time() - t:.1f} s (GEMV tuning and graph capture included)", flush=True)

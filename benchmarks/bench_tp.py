@@ -16,23 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from record import write_record  # noqa: E402
-
-
-def build(model: str, tp: int, device: str, dtype: str, root: str, at_load: bool = False) -> str:
-    out = os.path.join(root, f"{model}-{dtype}-tp{tp}" + ("-at-load" if at_load else ""))
-    if not os.path.exists(os.path.join(out, "engine.json")):
-        subprocess.run([sys.executable, "-m", "kiln.launch.cli", "build", "--model", model, "--random-weights", "--dtype", dtype,
-                        "--device", device, "--tp", str(tp), "--output", out, "--max-batch-size", "256", "--max-seq-len", "2048",
-                        "--quiet"] + (["--weights-at-load"] if at_load else []), check=True)
-    return out
+from record import build_random_engine, write_record  # noqa: E402
 
 
 def step_ms(engine, batch: int, steps: int, prompt_len: int = 128) -> float:
@@ -132,7 +122,9 @@ def main() -> None:
     batches = [int(b) for b in a.batches.split(",")]
     rows = []
     for tp in tps:
-        eng_dir = build(a.model, tp, a.device, dtype, a.engines, a.weights_at_load)
+        name = f"{a.model}-{dtype}-tp{tp}" + ("-at-load" if a.weights_at_load else "")
+        eng_dir = build_random_engine(a.model, os.path.join(a.engines, name), dtype=dtype, device=a.device, tp=tp,
+                                      at_load=a.weights_at_load)
         engine = LLMEngine(eng_dir)
         cfg = engine.config.model
         try:

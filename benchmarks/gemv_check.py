@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from record import write_record  # noqa: E402
+from record import text_table, write_record  # noqa: E402
 
 SHAPES = {
     "qkv": (6144, 4096),
@@ -69,13 +69,6 @@ def check_linear(rows, dtype) -> list[dict]:
     return out
 
 
-def _table(rows, cols) -> str:
-    widths = [max(len(c), *(len(str(r.get(c))) for r in rows)) for c in cols]
-    lines = ["  ".join(c.rjust(wd) for c, wd in zip(cols, widths))]
-    lines += ["  ".join(str(r.get(c)).rjust(wd) for c, wd in zip(cols, widths)) for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4], help="rows of x")
@@ -112,14 +105,14 @@ def main() -> None:
 
     print(f"\ngemv, {args.dtype}, tuned in {tune_s:.0f} s; GB/s = (weight + x + y bytes) / time; "
           f"copy bandwidth {copy_gbs:.0f} GB/s (read+write)")
-    print(_table(rows, ["name", "shape", "choice", "us", "gb_s", "triton_config", "triton_us", "cublas_us",
+    print(text_table(rows, ["name", "shape", "choice", "us", "gb_s", "triton_config", "triton_us", "cublas_us",
                         "cublas_gb_s", "speedup"]))
     print("\nlinear() after tuning vs the float32 product:")
-    print(_table(checks, ["shape", "choice", "rel_err"]))
+    print(text_table(checks, ["shape", "choice", "rel_err"]))
 
     settings = dict(dtype=args.dtype, m=args.m, shapes={k: SHAPES[k] for k in args.shapes}, reps=args.reps,
                     all_configs=args.all_configs, timing="cuda-graph replays, weight copies >= 256 MB")
-    metrics = dict(copy_gbs=round(copy_gbs, 1), tune_s=round(tune_s, 1), table=gemv.tuned_table(),
+    metrics = dict(copy_gbs=round(copy_gbs, 1), tune_s=round(tune_s, 1), table=gemv.tunedtext_table(),
                    rows=rows, linear_check=checks)
     write_record("gpu-gemv", "llama-3-8b-shapes", settings, metrics, out_dir=os.environ.get("OUT") or None)
     bad = [c for c in checks if not c["rel_err"] < (1e-4 if dtype == torch.float32 else 1e-2)]

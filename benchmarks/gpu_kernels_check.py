@@ -4,7 +4,7 @@ Runs tests/test_kernels_gpu.py (every op against its plain-torch reference), the
 with CUDA events: paged decode attention for Llama-3-8B shapes (32 query heads, 8 KV heads,
 head dim 128, block 16, bfloat16) at batch 1/64/256 x context 512/2048/8192, reported as GB/s of
 K/V read beside the device-to-device copy bandwidth measured here; prefill attention in TFLOP/s;
-norms, SiLU-and-mul, rotary and the KV write in GB/s beside their torch references.
+norms, SiLU-and-mul, and rotary with the KV write in GB/s beside their torch references.
 
     python benchmarks/gpu_kernels_check.py [--skip-tests] [--quick]
 
@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from record import write_record  # noqa: E402
+from record import text_table, write_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -163,9 +163,9 @@ def bench_elementwise(tokens_list) -> list[dict]:
 
     from kiln.kernels import triton_ops as ops
     from kiln.kernels.activation import silu_and_mul_ref
-    from kiln.kernels.attention import write_kv_ref
+    from kiln.kernels.attention import rotary_write_kv_ref
     from kiln.kernels.norm import add_rms_norm_ref, rms_norm_ref
-    from kiln.kernels.rotary import apply_rotary_ref, cos_sin_cache
+    from kiln.kernels.rotary import cos_sin_cache
 
     rows = []
     h, inter = 4096, 14336
@@ -181,16 +181,14 @@ def bench_elementwise(tokens_list) -> list[dict]:
         kc = torch.randn((nb, BS, HK, D), device="cuda", dtype=DT)
         vc = torch.randn_like(kc)
         slots = torch.randperm(nb * BS, device="cuda")[:t]
-        qk_bytes = 2 * t * (HQ + HK) * D * 2
+        rope_kv_bytes = 2 * t * (2 * HQ + 4 * HK) * D  # bfloat16 q, k and v each read and written once
         ops_list = [
             ("rms_norm", lambda: ops.rms_norm(x, w, 1e-5), lambda: rms_norm_ref(x, w, 1e-5), 2 * t * h * 2),
             ("add_rms_norm", lambda: ops.add_rms_norm(x, r, w, 1e-5), lambda: add_rms_norm_ref(x, r, w, 1e-5),
              4 * t * h * 2),
             ("silu_and_mul", lambda: ops.silu_and_mul(gu), lambda: silu_and_mul_ref(gu), 3 * t * inter * 2),
-            ("apply_rotary", lambda: ops.apply_rotary(q, k, pos, rope), lambda: apply_rotary_ref(q, k, pos, rope),
-             qk_bytes),
-            ("write_kv", lambda: ops.write_kv(k, v, kc, vc, slots), lambda: write_kv_ref(k, v, kc, vc, slots),
-             4 * t * HK * D * 2),
+            ("rotary_write_kv", lambda: ops.rotary_write_kv(q, k, v, pos, rope, kc, vc, slots),
+             lambda: rotary_write_kv_ref(q, k, v, pos, rope, kc, vc, slots), rope_kv_bytes),
         ]
         for name, fn, ref, nbytes in ops_list:
             ms = time_graph([fn], iters=50)
@@ -198,13 +196,6 @@ def bench_elementwise(tokens_list) -> list[dict]:
             rows.append(dict(op=name, tokens=t, us=round(ms * 1e3, 2), gbs=round(nbytes / ms / 1e6, 1),
                              ref_us=round(ref_ms * 1e3, 2), speedup=round(ref_ms / ms, 2)))
     return rows
-
-
-def _table(rows, cols) -> str:
-    widths = [max(len(c), *(len(str(r.get(c))) for r in rows)) for c in cols]
-    out = ["  ".join(c.rjust(wd) for c, wd in zip(cols, widths))]
-    out += ["  ".join(str(r.get(c)).rjust(wd) for c, wd in zip(cols, widths)) for r in rows]
-    return "\n".join(out)
 
 
 def main() -> None:
@@ -227,7 +218,7 @@ def main() -> None:
     contexts = [512, 2048] if args.quick else [512, 2048, 8192]
     decode = bench_decode(batches, contexts, copy_gbs, gen)
     print("\npaged decode attention (32q/8kv heads, D=128, block 16, bf16)")
-    print(_table(decode, ["batch", "context", "kv_mb", "splits", "graph_us", "graph_us_bound_128k", "eager_us",
+    print(text_table(decode, ["batch", "context", "kv_mb", "splits", "graph_us", "graph_us_bound_128k", "eager_us",
                           "kv_gbs", "pct_of_copy", "ref_us"]))
 
     prefill_cases = [
@@ -239,11 +230,11 @@ def main() -> None:
         prefill_cases.insert(1, ("1 x 8192 prompt", [8192], [8192]))
     prefill = bench_prefill(prefill_cases, gen)
     print("\nprefill / mixed attention")
-    print(_table(prefill, ["case", "us", "tflops", "ref_us", "speedup"]))
+    print(text_table(prefill, ["case", "us", "tflops", "ref_us", "speedup"]))
 
     elementwise = bench_elementwise([16, 4096] if args.quick else [1, 16, 512, 4096])
     print("\nelementwise ops (hidden 4096, intermediate 14336, bf16)")
-    print(_table(elementwise, ["op", "tokens", "us", "gbs", "ref_us", "speedup"]))
+    print(text_table(elementwise, ["op", "tokens", "us", "gbs", "ref_us", "speedup"]))
 
     metrics = dict(tests=tests, copy_gbs=round(copy_gbs, 1), decode=decode, prefill=prefill,
                    elementwise=elementwise)

@@ -1,4 +1,5 @@
-"""Benchmark records: one JSON file per run in benchmarks/results/ (API.md's "Benchmark records")."""
+"""Benchmark records: one JSON file per run in benchmarks/results/ (API.md's "Benchmark records"),
+and what the benchmark scripts share: building a random-weight engine, printing a table."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import platform
 import subprocess
+import sys
+import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -50,3 +53,30 @@ def write_record(benchmark: str, model: str, settings: dict, metrics: dict, out_
     print(json.dumps(rec["metrics"], indent=2))
     print(f"record: {path}")
     return path
+
+
+def build_random_engine(model: str, out: str, *, dtype: str, device: str, tp: int = 1, pp: int = 1, ep: int = 1,
+                        max_batch_size: int = 256, max_seq_len: int = 2048, max_num_tokens: int | None = None,
+                        at_load: bool = False) -> str:
+    """A random-weight engine of ``model`` at ``out`` through ``kiln build`` (kept if one is there);
+    ``at_load`` writes no weight files (each rank draws its weights at load)."""
+    if not os.path.exists(os.path.join(out, "engine.json")):
+        t = time.time()
+        cmd = [sys.executable, "-m", "kiln.launch.cli", "build", "--model", model, "--random-weights", "--dtype", dtype,
+               "--device", device, "--tp", str(tp), "--pp", str(pp), "--ep", str(ep), "--output", out,
+               "--max-batch-size", str(max_batch_size), "--max-seq-len", str(max_seq_len), "--quiet"]
+        if max_num_tokens is not None:
+            cmd += ["--max-num-tokens", str(max_num_tokens)]
+        if at_load:
+            cmd.append("--weights-at-load")
+        subprocess.run(cmd, check=True)
+        print(f"built {out} in {time.time() - t:.1f} s", flush=True)
+    return out
+
+
+def text_table(rows: list[dict], cols: list[str]) -> str:
+    """``rows``' values under ``cols`` as right-aligned text columns, with a header line."""
+    widths = [max(len(c), *(len(str(r.get(c))) for r in rows)) for c in cols]
+    lines = ["  ".join(c.rjust(wd) for c, wd in zip(cols, widths))]
+    lines += ["  ".join(str(r.get(c)).rjust(wd) for c, wd in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)

@@ -134,15 +134,6 @@ def paged_attention_ref(
     return out
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    if k.is_cuda:
-        from kiln.kernels import triton_ops
-
-        if triton_ops.available():
-            return triton_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
-    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
-
-
 def rotary_write_kv_ref(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
     """Rotates q and k (``apply_rotary_ref``), writes the rotated k and v into the cache
     (``write_kv_ref``) and returns the rotated q."""

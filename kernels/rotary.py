@@ -46,12 +46,3 @@ def apply_rotary_ref(
     cos = cs[:, None, :half].to(q.dtype)
     sin = cs[:, None, half:].to(q.dtype)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def apply_rotary(q, k, positions, cache):
-    if q.is_cuda:
-        from kiln.kernels import triton_ops
-
-        if triton_ops.available():
-            return triton_ops.apply_rotary(q, k, positions, cache)
-    return apply_rotary_ref(q, k, positions, cache)

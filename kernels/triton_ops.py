@@ -4,11 +4,10 @@ Every op takes the same arguments as its plain-torch reference and returns the s
 
 * ``rms_norm`` / ``add_rms_norm``: one program per row (the last dimension), float32 sums.
 * ``silu_and_mul``: [.., 2I] -> [.., I].
-* ``apply_rotary``: rotate-half rotary embedding; q and k may be strided views of a fused qkv
-  projection, the results are new contiguous tensors.
-* ``write_kv``: scatter new keys/values into the paged cache, skipping slots < 0.
-* ``rotary_write_kv``: the two above in one kernel for the attention layer: rotates q into a new
-  tensor, and k straight into the cache beside v (the rotated k is not returned).
+* ``rotary_write_kv``: the attention layer's step before attention, in one kernel: the
+  rotate-half rotary embedding of q (into a new contiguous tensor) and of k, which goes straight
+  into the paged cache beside v (slots < 0 skipped). q, k and v may be strided views of a fused
+  qkv projection.
 * ``paged_attention``: causal attention through block tables for batches mixing prefill chunks
   and decodes. Decodes use a flash-decoding kernel (each program reads the K/V of one KV head
   for one slice of the context and serves every query head of that group; a second kernel
@@ -28,7 +27,6 @@ kernel finishes only after its predecessor has. ``KILN_PDL=0`` turns it off.
 """
 
 import functools
-import math
 import os
 
 import torch
@@ -211,7 +209,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rotary embedding
+# Rotary embedding and the KV-cache write
 # ----------------------------------------------------------------------------------------------
 
 
@@ -245,46 +243,6 @@ def _cos_sin(pos_ptr, cache_ptr, t, s_cache, half, dtype: tl.constexpr, BLOCK_HA
     cos = tl.load(cs, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
     sin = tl.load(cs + half, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
     return cos, sin
-
-
-@_jit
-def _rotary_kernel(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr,
-    sq0, sq1, sk0, sk1, s_cache, n_qh, n_kh, half,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = False,
-):
-    _gdc_enter(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    cos, sin = _cos_sin(pos_ptr, cache_ptr, t, s_cache, half, qo_ptr.dtype.element_ty, BLOCK_HALF)
-    d = 2 * half
-    _rotate_heads(q_ptr + t * sq0, qo_ptr + t * n_qh * d, sq1, d, n_qh, cos, sin, half, BLOCK_H, BLOCK_HALF)
-    _rotate_heads(k_ptr + t * sk0, ko_ptr + t * n_kh * d, sk1, d, n_kh, cos, sin, half, BLOCK_H, BLOCK_HALF)
-
-
-def _rotary_blocks(hq: int, hk: int, d: int) -> tuple[int, int]:
-    bh = _pow2(d // 2)
-    return max(1, min(_pow2(max(hq, hk)), 4096 // bh)), bh
-
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor):
-    t, hq, d = q.shape
-    hk = k.shape[1]
-    qo = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
-    ko = torch.empty((t, hk, d), dtype=k.dtype, device=k.device)
-    if t == 0:
-        return qo, ko
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if cache.stride(-1) != 1:
-        cache = cache.contiguous()
-    heads, bh = _rotary_blocks(hq, hk, d)
-    _rotary_kernel[(t,)](
-        q, k, qo, ko, positions, cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        cache.stride(0), hq, hk, d // 2, BLOCK_H=heads, BLOCK_HALF=bh, num_warps=4, **launch_opts(q),
-    )
-    return qo, ko
 
 
 @_jit
@@ -329,7 +287,8 @@ def rotary_write_kv(q, k, v, positions, cache, k_cache, v_cache, slot_mapping) -
     if cache.stride(-1) != 1:
         cache = cache.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
-    heads, bh = _rotary_blocks(hq, hk, d)
+    bh = _pow2(d // 2)
+    heads = max(1, min(_pow2(max(hq, hk)), 4096 // bh))
     _rotary_write_kv_kernel[(t,)](
         q, k, v, qo, k_cache, v_cache, positions, slot_mapping, cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -338,55 +297,6 @@ def rotary_write_kv(q, k, v, positions, cache, k_cache, v_cache, slot_mapping) -
         hq, hk, d // 2, k_cache.shape[1], BLOCK_H=heads, BLOCK_HALF=bh, num_warps=4, **launch_opts(q),
     )
     return qo
-
-
-# ----------------------------------------------------------------------------------------------
-# KV cache write
-# ----------------------------------------------------------------------------------------------
-
-
-@_jit
-def _write_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
-    sk0, sk1, sv0, sv1, sc0, sc1, sc2, svc0, svc1, svc2,
-    n_heads, head_dim, block_size,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
-):
-    _gdc_enter(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    blk = slot // block_size
-    off = slot % block_size
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    m = (heads < n_heads)[:, None] & (offs_d < head_dim)[None, :]
-    k = tl.load(k_ptr + t * sk0 + heads[:, None] * sk1 + offs_d[None, :], mask=m)
-    v = tl.load(v_ptr + t * sv0 + heads[:, None] * sv1 + offs_d[None, :], mask=m)
-    kd = kc_ptr + blk * sc0 + off * sc1 + heads[:, None] * sc2 + offs_d[None, :]
-    vd = vc_ptr + blk * svc0 + off * svc1 + heads[:, None] * svc2 + offs_d[None, :]
-    tl.store(kd, k.to(kc_ptr.dtype.element_ty), mask=m)
-    tl.store(vd, v.to(vc_ptr.dtype.element_ty), mask=m)
-
-
-def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    t, hk, d = k.shape
-    if t == 0:
-        return
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
-    bd = _pow2(d)
-    bh = max(1, min(_pow2(hk), 4096 // bd))
-    _write_kv_kernel[(t, _cdiv(hk, bh))](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        hk, d, k_cache.shape[1], BLOCK_H=bh, BLOCK_D=bd, num_warps=4, **launch_opts(k),
-    )
 
 
 # ----------------------------------------------------------------------------------------------

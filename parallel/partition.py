@@ -17,6 +17,23 @@ from kiln.runtime.config import ModelConfig
 
 Fetch = Callable[[str], torch.Tensor]
 
+
+class ReadOnce:
+    """A ``Fetch`` over ``get`` that reads each checkpoint tensor once until ``clear()``: a fused
+    engine tensor (qkv, gate/up) reads several, and every rank's slice reads the same ones."""
+
+    def __init__(self, get: Fetch):
+        self._get = get
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            self._cache[name] = self._get(name)
+        return self._cache[name]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 

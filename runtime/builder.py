@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import kiln
 from kiln.parallel.mapping import Mapping
-from kiln.parallel.partition import rank_slice
+from kiln.parallel.partition import ReadOnce, rank_slice
 from kiln.runtime.checkpoint import CheckpointReader, RandomReader, open_checkpoint
 from kiln.runtime.config import BuildConfig, EngineConfig, ModelConfig
 from kiln.runtime.model import DecoderModel
@@ -139,21 +139,14 @@ def build_engine(
     for lay in layouts:
         order.extend(n for n in lay if n not in order)
 
-    cache: dict[str, torch.Tensor] = {}
-
-    def fetch(name: str) -> torch.Tensor:
-        # A fused engine tensor reads several checkpoint tensors; each is read once per engine tensor.
-        if name not in cache:
-            cache[name] = reader.get(name)
-        return cache[name]
-
+    fetch = ReadOnce(reader.get)
     bar = tqdm(order, desc=f"build {os.path.basename(out)}", unit="tensor", disable=not progress)
     try:
         for name in bar:
             for m, lay, w in zip(mappings, layouts, writers):
                 if name in lay:
                     w.write(name, rank_slice(name, fetch, cfg, m).to(dtype))
-            cache.clear()
+            fetch.clear()
         digests = {f: c for f, c in (merge_from.files.items() if merge_from else ()) if f.startswith("rank")}
         digests.update({rank_files[r]: w.close() for r, w in zip(todo, writers)})
     except BaseException:

@@ -105,20 +105,13 @@ def load_rank(engine_dir: str, config: EngineConfig, mapping: Mapping, device: t
 
 def _draw_rank(model: DecoderModel, config: EngineConfig, mapping: Mapping, dtype, device, names) -> None:
     """This rank's weights drawn where they will live, as the builder would have cut them."""
-    from kiln.parallel.partition import rank_slice
+    from kiln.parallel.partition import ReadOnce, rank_slice
     from kiln.runtime.checkpoint import RandomReader
 
-    reader = RandomReader(config.model, seed=config.random_weights_seed, dtype=dtype, device=device)
-    cache: dict[str, torch.Tensor] = {}
-
-    def fetch(name: str) -> torch.Tensor:
-        if name not in cache:
-            cache[name] = reader.get(name)
-        return cache[name]
-
+    fetch = ReadOnce(RandomReader(config.model, seed=config.random_weights_seed, dtype=dtype, device=device).get)
     for n in sorted(names):
         model.load_weight(n, rank_slice(n, fetch, config.model, mapping).to(dtype))
-        cache.clear()
+        fetch.clear()
 
 
 def load_engine(engine_dir: str, *, launcher: str = "local", **kw) -> LoadedEngine:

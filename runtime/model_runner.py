@@ -293,7 +293,8 @@ class ModelRunner:
         # Where each sampled token will sit in its sequence: the next step may read it from here.
         prev_rows = {sid: (i, len(self.seqs[sid].token_ids)) for i, sid in enumerate(sampled_ids)}
         tokens = draw = None
-        if sampled_ids and self.model.mapping.tp > 1 and all(self._plain_greedy(sid, allowed_masks) for sid in sampled_ids):
+        plain = bool(sampled_ids) and all(self._plain_greedy(sid, allowed_masks) for sid in sampled_ids)
+        if plain and self.model.mapping.tp > 1:
             idx = h2d(sample_rows, torch.long, self.device)
             tokens = self.model.greedy_tokens(hidden.index_select(0, idx))
             host = tokens.to("cpu", non_blocking=True)
@@ -303,7 +304,7 @@ class ModelRunner:
                 logits = graph_logits if graph_logits is not None else self.model.compute_logits(hidden)
             else:
                 logits = self.model.compute_logits(hidden.index_select(0, h2d(sample_rows, torch.long, self.device)))
-            if self.samples and all(self._plain_greedy(sid, allowed_masks) for sid in sampled_ids):
+            if self.samples and plain:
                 draw = self.sampler.launch_greedy(logits)
                 tokens = draw.token_ids
             elif self.samples:

@@ -118,8 +118,7 @@ class Sampler:
             if r.params.greedy and r.params.logprobs is None and not _needs_processing(r)
         ]
         if len(fast) == n:
-            token_ids = logits.argmax(dim=-1)
-            return Draw(token_ids, token_ids.to("cpu", non_blocking=True), None, {})
+            return self.launch_greedy(logits)
         token_ids = torch.empty(n, dtype=torch.long, device=device)
         fast_set = set(fast)
         slow = [i for i in range(n) if i not in fast_set]

@@ -197,6 +197,7 @@ class Scheduler:
                     sample=sample,
                 )
             )
+            seq.sent_table = list(table)
         else:
             # A live table only grows at its end or has its last entry replaced (copy-on-write):
             # where the workers' last entry still stands, only the new entries need sending.
@@ -216,11 +217,8 @@ class Scheduler:
                     sample=sample,
                 )
             )
-        if seq.sent_table is None:
-            seq.sent_table = list(table)
-        else:
-            del seq.sent_table[start:]
-            seq.sent_table.extend(table[start:])
+            del old[start:]
+            old.extend(table[start:])
         seq.sent_len = len(seq.token_ids)
         self.bm.mark_computed(seq.seq_id, seq.num_computed)  # KV of earlier steps is in the cache now
         seq.num_computed += n

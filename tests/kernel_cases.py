@@ -75,3 +75,40 @@ def fused_qkv_views(t, hq, hk, d, dtype, device, seed=0):
     qkv = torch.randn((t, (hq + 2 * hk) * d), generator=gen).to(device=device, dtype=dtype)
     q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
     return q.reshape(t, hq, d), k.reshape(t, hk, d), v.reshape(t, hk, d)
+
+
+@dataclass
+class RotaryKVCase:
+    """Inputs of ``rotary_write_kv``: q/k/v views of one fused projection, positions, the cos/sin
+    table, cache slots (some -1: padding) and random caches to write into."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    rope: torch.Tensor
+    slots: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+    def run(self, fn):
+        """``fn`` (the kernel or the reference) on fresh copies of the caches: (q out, k cache, v cache)."""
+        kc, vc = self.k_cache.clone(), self.v_cache.clone()
+        qo = fn(self.q, self.k, self.v, self.positions, self.rope, kc, vc, self.slots)
+        return qo, kc, vc
+
+
+def make_rotary_kv_case(t, hq, hk, d, bs, num_blocks, dtype, device, *, max_pos, theta, pad, seed) -> RotaryKVCase:
+    """Seeds ``seed`` to ``seed + 4``; ``pad`` indexes the slots set to -1."""
+    from kiln.kernels.rotary import cos_sin_cache
+
+    q, k, v = fused_qkv_views(t, hq, hk, d, dtype, device, seed=seed)
+    pos = torch.randint(0, max_pos, (t,), generator=torch.Generator().manual_seed(seed + 1))
+    slots = torch.randperm(num_blocks * bs, generator=torch.Generator().manual_seed(seed + 2))[:t]
+    slots[pad] = -1
+
+    def cache(s):
+        return torch.randn((num_blocks, bs, hk, d), generator=torch.Generator().manual_seed(s)).to(device=device, dtype=dtype)
+
+    return RotaryKVCase(q, k, v, pos.to(device), cos_sin_cache(d, max_pos, theta, device=device), slots.to(device),
+                        cache(seed + 3), cache(seed + 4))

@@ -22,12 +22,12 @@ pytestmark = [
 from kiln.kernels import triton_ops as ops  # noqa: E402
 from kiln.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from kiln.kernels.attention import (  # noqa: E402
-    paged_attention, paged_attention_ref, rotary_write_kv, rotary_write_kv_ref, write_kv_ref,
+    paged_attention, paged_attention_ref, rotary_write_kv, rotary_write_kv_ref,
 )
 from kiln.kernels.norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
-from kiln.kernels.rotary import apply_rotary, apply_rotary_ref, cos_sin_cache  # noqa: E402
+from kiln.kernels.rotary import cos_sin_cache  # noqa: E402
 
-from kernel_cases import fused_qkv_views, make_meta, make_paged_case  # noqa: E402
+from kernel_cases import fused_qkv_views, make_meta, make_paged_case, make_rotary_kv_case  # noqa: E402
 
 DEV = "cuda"
 BF, FP16 = torch.bfloat16, torch.float16
@@ -109,53 +109,18 @@ def test_silu_and_mul(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [BF, FP16])
-@pytest.mark.parametrize("t,hq,hk,d", [(1, 32, 8, 128), (200, 32, 8, 128), (33, 14, 2, 64), (5, 4, 1, 32)])
-def test_apply_rotary(t, hq, hk, d, dtype):
-    q, k, _ = fused_qkv_views(t, hq, hk, d, dtype, DEV, seed=12)
-    cache = cos_sin_cache(d, 8192, 500000.0, device=DEV)
-    pos = torch.randint(0, 8192, (t,), generator=torch.Generator().manual_seed(13)).to(DEV)
-    q_in, k_in = q.clone(), k.clone()
-    qo, ko = ops.apply_rotary(q, k, pos, cache)
-    q_ref, k_ref = apply_rotary_ref(q_in, k_in, pos, cache)
-    _close(qo, q_ref, 2e-2)
-    _close(ko, k_ref, 2e-2)
-    qo2, ko2 = apply_rotary(q_in, k_in, pos, cache)
-    assert torch.equal(qo2, qo) and torch.equal(ko2, ko)
-
-
-@pytest.mark.parametrize("dtype", [BF, FP16])
-@pytest.mark.parametrize("hk,d,bs", [(8, 128, 16), (8, 128, 32), (1, 64, 16), (2, 32, 32)])
-def test_write_kv_with_padding(hk, d, bs, dtype):
-    t, nb = 300, 64
-    _, k, v = fused_qkv_views(t, 4 * hk, hk, d, dtype, DEV, seed=14)
-    slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(15))[:t].to(DEV)
-    slots[::7] = -1
-    kc, vc = _randn(nb, bs, hk, d, dtype=dtype, seed=16), _randn(nb, bs, hk, d, dtype=dtype, seed=17)
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    ops.write_kv(k, v, kc, vc, slots)
-    write_kv_ref(k, v, kc_ref, vc_ref, slots)
-    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
-
-
-@pytest.mark.parametrize("dtype", [BF, FP16])
 @pytest.mark.parametrize("t,hq,hk,d,bs", [(1, 32, 8, 128, 16), (300, 32, 8, 128, 32), (33, 14, 2, 64, 16), (5, 4, 1, 32, 16)])
 def test_rotary_write_kv(t, hq, hk, d, bs, dtype):
     """Rotary and the cache write in one kernel against apply_rotary_ref + write_kv_ref."""
-    nb = -(-t // bs) + 8
-    q, k, v = fused_qkv_views(t, hq, hk, d, dtype, DEV, seed=18)
-    cache = cos_sin_cache(d, 8192, 500000.0, device=DEV)
-    pos = torch.randint(0, 8192, (t,), generator=torch.Generator().manual_seed(19)).to(DEV)
-    slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(20))[:t].to(DEV)
-    slots[::5] = -1
-    kc, vc = _randn(nb, bs, hk, d, dtype=dtype, seed=21), _randn(nb, bs, hk, d, dtype=dtype, seed=22)
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    qo = ops.rotary_write_kv(q, k, v, pos, cache, kc, vc, slots)
-    q_ref = rotary_write_kv_ref(q, k, v, pos, cache, kc_ref, vc_ref, slots)
+    case = make_rotary_kv_case(t, hq, hk, d, bs, -(-t // bs) + 8, dtype, DEV, max_pos=8192, theta=500000.0,
+                               pad=slice(None, None, 5), seed=18)
+    qo, kc, vc = case.run(ops.rotary_write_kv)
+    q_ref, kc_ref, vc_ref = case.run(rotary_write_kv_ref)
     _close(qo, q_ref, 2e-2)
     _close(kc, kc_ref, 2e-2)
     assert torch.equal(vc, vc_ref)
-    kc2, vc2 = kc_ref.clone(), vc_ref.clone()
-    assert torch.equal(rotary_write_kv(q, k, v, pos, cache, kc2, vc2, slots), qo)
+    qo2, kc2, vc2 = case.run(rotary_write_kv)
+    assert torch.equal(qo2, qo)
     assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
 
 

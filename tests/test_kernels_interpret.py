@@ -25,11 +25,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
 
 from kiln.kernels.activation import silu_and_mul_ref  # noqa: E402
-from kiln.kernels.attention import paged_attention_ref, rotary_write_kv_ref, write_kv_ref  # noqa: E402
+from kiln.kernels.attention import paged_attention_ref, rotary_write_kv_ref  # noqa: E402
 from kiln.kernels.norm import add_rms_norm_ref, rms_norm_ref  # noqa: E402
-from kiln.kernels.rotary import apply_rotary_ref, cos_sin_cache  # noqa: E402
 
-from kernel_cases import fused_qkv_views, make_paged_case  # noqa: E402
+from kernel_cases import fused_qkv_views, make_paged_case, make_rotary_kv_case  # noqa: E402
 
 
 
@@ -141,50 +140,20 @@ def test_silu_and_mul(shape):
 
 
 @in_child
-@pytest.mark.parametrize("hq,hk,d", [(4, 2, 32), (3, 1, 64)])
-def test_apply_rotary_strided(hq, hk, d):
-    t = 9
-    q, k, _ = fused_qkv_views(t, hq, hk, d, BF, "cpu", seed=9)
-    cache = cos_sin_cache(d, 256, 10000.0)
-    pos = torch.randint(0, 256, (t,), generator=torch.Generator().manual_seed(10))
-    qo, ko = ops.apply_rotary(q, k, pos, cache)
-    q_ref, k_ref = apply_rotary_ref(q, k, pos, cache)
-    _close(qo, q_ref, 2e-2)
-    _close(ko, k_ref, 2e-2)
-
-
-@in_child
-def test_write_kv_skips_padding():
-    hk, d, bs, nb = 2, 32, 16, 6
-    _, k, v = fused_qkv_views(7, 2, hk, d, BF, "cpu", seed=11)
-    slots = torch.tensor([5, 17, -1, 40, 63, -1, 80], dtype=torch.int64)
-    kc, vc = _randn(nb, bs, hk, d, seed=12), _randn(nb, bs, hk, d, seed=13)
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    ops.write_kv(k, v, kc, vc, slots)
-    write_kv_ref(k, v, kc_ref, vc_ref, slots)
-    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
-
-
-@in_child
 @pytest.mark.parametrize("hq,hk,d,bs", [(4, 2, 32, 16), (3, 1, 64, 8)])
 def test_rotary_write_kv(hq, hk, d, bs):
-    """Rotary and the cache write in one kernel: q as apply_rotary's, the cache as write_kv's of
-    the rotated k and of v (strided views of one fused projection; padding slots untouched)."""
+    """Rotary and the cache write in one kernel: q as apply_rotary_ref's, the cache as
+    write_kv_ref's of the rotated k and of v (strided views of one fused projection; padding
+    slots untouched)."""
     t, nb = 9, 5
-    q, k, v = fused_qkv_views(t, hq, hk, d, BF, "cpu", seed=14)
-    cache = cos_sin_cache(d, 256, 10000.0)
-    pos = torch.randint(0, 256, (t,), generator=torch.Generator().manual_seed(15))
-    slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(16))[:t]
-    slots[[2, 6]] = -1
-    kc, vc = _randn(nb, bs, hk, d, seed=17), _randn(nb, bs, hk, d, seed=18)
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    qo = ops.rotary_write_kv(q, k, v, pos, cache, kc, vc, slots)
-    q_ref = rotary_write_kv_ref(q, k, v, pos, cache, kc_ref, vc_ref, slots)
+    case = make_rotary_kv_case(t, hq, hk, d, bs, nb, BF, "cpu", max_pos=256, theta=10000.0, pad=[2, 6], seed=14)
+    qo, kc, vc = case.run(ops.rotary_write_kv)
+    q_ref, kc_ref, vc_ref = case.run(rotary_write_kv_ref)
     _close(qo, q_ref, 2e-2)
     _close(kc, kc_ref, 2e-2)
     assert torch.equal(vc, vc_ref)
     untouched = torch.ones(nb * bs, dtype=torch.bool)
-    untouched[slots[slots >= 0]] = False
+    untouched[case.slots[case.slots >= 0]] = False
     assert torch.equal(kc.view(nb * bs, hk, d)[untouched], kc_ref.view(nb * bs, hk, d)[untouched])
 
 
