@@ -3,6 +3,12 @@ process at several rates, prompt and output lengths drawn with a realistic sprea
 clipped). Reports throughput and TTFT / TPOT percentiles per rate, a JSON record and a PNG plot.
 
     python benchmarks/bench_serving.py --engine engines/smollm2-float32-cpu --rates 0.5,1,2,4 --requests 32
+
+``--compare-engine`` then runs the requests of the fastest rate through ``LLM.generate`` in this
+process (after the server has stopped, so the two never share the device) and records
+``engine_output_tokens_per_s`` and ``server_to_engine_ratio``: how close serving over HTTP comes to
+the engine's own speed. ``--rates inf`` sends every request at once. ``--api-server-count N``
+is passed to ``kiln serve``.
 """
 
 from __future__ import annotations
@@ -92,6 +98,19 @@ async def run_rate(url: str, model: str, reqs, rate: float, seed: int) -> dict:
     }
 
 
+def engine_tokens_per_s(engine: str, reqs) -> float:
+    """Output tokens/s of ``LLM.generate`` over the same requests (greedy, ignore_eos), all at once."""
+    from kiln.runtime import LLM, SamplingParams
+
+    with LLM(engine) as llm:
+        params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in reqs]
+        llm.generate([reqs[0][0]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
+        t0 = time.perf_counter()
+        outs = llm.generate([p for p, _ in reqs], params)
+        wall = time.perf_counter() - t0
+    return round(sum(len(o.outputs[0].token_ids) for o in outs) / wall, 2)
+
+
 def plot(path: str, rows: list[dict], title: str) -> None:
     try:
         import matplotlib
@@ -129,12 +148,16 @@ def main() -> None:
     ap.add_argument("--prompt-median", type=int, default=128)
     ap.add_argument("--output-median", type=int, default=48)
     ap.add_argument("--model", default=None, help="model name for the record (default: the engine's)")
+    ap.add_argument("--api-server-count", type=int, default=1, help="API server processes of kiln serve")
+    ap.add_argument("--compare-engine", action="store_true",
+                    help="also run the fastest rate's requests through LLM.generate and record the ratio")
     a = ap.parse_args()
     from kiln.runtime.worker import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "kiln.launch.cli", "serve", a.engine, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "kiln.launch.cli", "serve", a.engine, "--port", str(port),
+                               "--api-server-count", str(a.api_server_count)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
@@ -148,7 +171,7 @@ def main() -> None:
         else:
             raise RuntimeError("the server did not become healthy")
         served = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        rows = []
+        rows, loads = [], []
         for i, rate in enumerate(float(r) for r in a.rates.split(",")):
             reqs = workload(a.requests, seed=i, prompt_median=a.prompt_median, output_median=a.output_median)
             row = asyncio.run(run_rate(url, served, reqs, rate, seed=100 + i))
@@ -156,19 +179,29 @@ def main() -> None:
                 raise RuntimeError(f"{row['errors']} requests failed at {rate} req/s")
             print(row, flush=True)
             rows.append(row)
+            loads.append(reqs)
     finally:
         server.terminate()
         server.wait(60)
     cfg = json.load(open(os.path.join(a.engine, "engine.json")))
     model = a.model or cfg["model_name"]
-    best = max(rows, key=lambda r: r["output_tokens_per_s"])
+    best_i = max(range(len(rows)), key=lambda i: rows[i]["output_tokens_per_s"])
+    best = rows[best_i]
+    metrics = {"per_rate": rows, "output_tokens_per_s": best["output_tokens_per_s"],
+               "ttft_ms_p50": rows[0]["ttft_ms_p50"], "ttft_ms_p99": rows[0]["ttft_ms_p99"],
+               "tpot_ms_p50": rows[0]["tpot_ms_p50"], "tpot_ms_p99": rows[0]["tpot_ms_p99"]}
+    if a.compare_engine:
+        eng = engine_tokens_per_s(a.engine, loads[best_i])
+        metrics["engine_output_tokens_per_s"] = eng
+        metrics["server_to_engine_ratio"] = round(best["output_tokens_per_s"] / eng, 3) if eng else None
+        print(f"LLM.generate: {eng} output tokens/s; the server reached {metrics['server_to_engine_ratio']} of it", flush=True)
     write_record("serving", model,
                  {"rates_req_s": [r["rate_req_s"] for r in rows], "requests_per_rate": a.requests,
                   "prompt_tokens": f"log-normal, median {a.prompt_median}, sigma 0.8", "output_tokens":
-                  f"log-normal, median {a.output_median}, sigma 0.6, ignore_eos", "dtype": cfg["build"]["dtype"]},
-                 {"per_rate": rows, "output_tokens_per_s": best["output_tokens_per_s"],
-                  "ttft_ms_p50": rows[0]["ttft_ms_p50"], "ttft_ms_p99": rows[0]["ttft_ms_p99"],
-                  "tpot_ms_p50": rows[0]["tpot_ms_p50"], "tpot_ms_p99": rows[0]["tpot_ms_p99"]})
+                  f"log-normal, median {a.output_median}, sigma 0.6, ignore_eos", "dtype": cfg["build"]["dtype"],
+                  "api_server_count": a.api_server_count, "compare_engine": a.compare_engine,
+                  "compared_rate_req_s": best["rate_req_s"] if a.compare_engine else None},
+                 metrics)
     out_dir = os.environ.get("KILN_RESULTS_DIR") or RESULTS
     plot(os.path.join(out_dir, f"serving-{model}.png"), rows, f"kiln serve: {model}")
 

@@ -103,7 +103,7 @@ def _decode_setup(b, ctx, gen, copies):
 def bench_decode(batches, contexts, copy_gbs, gen) -> list[dict]:
     from dataclasses import replace
 
-    from kiln.kernels import triton_ops as ops
+    from kiln.kernels import triton_attention as ops
     from kiln.kernels.attention import paged_attention_ref
 
     rows = []
@@ -141,7 +141,7 @@ def bench_decode(batches, contexts, copy_gbs, gen) -> list[dict]:
 def bench_prefill(cases, gen) -> list[dict]:
     from kernel_cases import make_paged_case
 
-    from kiln.kernels import triton_ops as ops
+    from kiln.kernels import triton_attention as ops
     from kiln.kernels.attention import paged_attention_ref
 
     rows = []
@@ -161,6 +161,7 @@ def bench_prefill(cases, gen) -> list[dict]:
 def bench_elementwise(tokens_list) -> list[dict]:
     from kernel_cases import fused_qkv_views
 
+    from kiln.kernels import triton_attention
     from kiln.kernels import triton_ops as ops
     from kiln.kernels.activation import silu_and_mul_ref
     from kiln.kernels.attention import rotary_write_kv_ref
@@ -187,7 +188,7 @@ def bench_elementwise(tokens_list) -> list[dict]:
             ("add_rms_norm", lambda: ops.add_rms_norm(x, r, w, 1e-5), lambda: add_rms_norm_ref(x, r, w, 1e-5),
              4 * t * h * 2),
             ("silu_and_mul", lambda: ops.silu_and_mul(gu), lambda: silu_and_mul_ref(gu), 3 * t * inter * 2),
-            ("rotary_write_kv", lambda: ops.rotary_write_kv(q, k, v, pos, rope, kc, vc, slots),
+            ("rotary_write_kv", lambda: triton_attention.rotary_write_kv(q, k, v, pos, rope, kc, vc, slots),
              lambda: rotary_write_kv_ref(q, k, v, pos, rope, kc, vc, slots), rope_kv_bytes),
         ]
         for name, fn, ref, nbytes in ops_list:

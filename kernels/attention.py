@@ -7,10 +7,19 @@ sequence sits in slot ``p % block_size`` of block ``table[p // block_size]``.
 The batch is flattened: the query tokens of sequence ``i`` are rows
 ``query_start_loc[i]:query_start_loc[i+1]``, and they are the *last* tokens of its context of
 ``seq_lens[i]`` tokens (earlier ones are already in the cache).
+
+A cache is either 16-bit (or float32), holding keys and values as they are, or float8_e4m3fn
+with one float32 scale per layer for keys and one for values (``k_scale`` / ``v_scale``, tensors
+of one element on the cache's device). An e4m3 cache holds ``quantize_kv(k, k_scale)``, that is
+``(k.float() / k_scale).clamp(-448, 448)`` cast to e4m3 (round to nearest even), and attention
+reads ``cache.float() * k_scale``. Every function below that takes a cache takes the two scales:
+``None`` for a 16-bit cache (the results are then exactly what they were without scales), both
+required for an e4m3 one; anything else raises ``ValueError``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,26 +58,104 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+KV_FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+MIN_KV_SCALE = 1e-12
+
+
+def kv_scales_from_amax(amax: float) -> float:
+    """The scale of one layer's keys (or values) in an e4m3 cache from the largest absolute key
+    (value) seen on the calibration text: ``amax / 448``, at least ``MIN_KV_SCALE`` so that a
+    layer whose keys were all zero still divides by a positive number."""
+    amax = float(amax)
+    if not math.isfinite(amax) or amax < 0:
+        raise ValueError(f"amax must be a finite number >= 0, got {amax}")
+    return max(amax / FP8_MAX, MIN_KV_SCALE)
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What an e4m3 cache stores for keys or values ``x``: ``x`` in float32 divided by ``scale``,
+    clamped to [-448, 448] and cast to float8_e4m3fn (round to nearest even)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(KV_FP8_DTYPE)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values read from an e4m3 cache: ``x.float() * scale``, then ``dtype``."""
+    return (x.float() * scale).to(dtype)
+
+
+def _check_scale(name: str, scale, cache: torch.Tensor) -> None:
+    if scale is None:
+        raise ValueError(f"a float8_e4m3fn KV cache needs {name} (a float32 tensor of shape [1]); got None")
+    if not isinstance(scale, torch.Tensor):
+        raise ValueError(f"{name} must be a float32 tensor of shape [1], got {type(scale).__name__}")
+    if scale.numel() != 1 or scale.dtype != torch.float32:
+        raise ValueError(
+            f"{name} must be a float32 tensor of shape [1], got {scale.dtype} of shape {list(scale.shape)}"
+        )
+    if scale.device != cache.device:
+        raise ValueError(f"{name} is on {scale.device} but the KV cache is on {cache.device}")
+
+
+def kv_cache_is_fp8(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale=None, v_scale=None) -> bool:
+    """Whether the caches are float8_e4m3fn, after checking that the scales fit them: both given
+    (float32, one element, on the cache's device) for an e4m3 cache, both ``None`` otherwise."""
+    fp8 = k_cache.dtype == KV_FP8_DTYPE
+    if v_cache.dtype != k_cache.dtype and (fp8 or v_cache.dtype == KV_FP8_DTYPE):
+        raise ValueError(f"the key and value caches must have one dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    if fp8:
+        _check_scale("k_scale", k_scale, k_cache)
+        _check_scale("v_scale", v_scale, v_cache)
+        return True
+    if k_cache.dtype.itemsize == 1:
+        raise ValueError(f"KV cache dtype {k_cache.dtype} is not supported; the 8-bit cache is float8_e4m3fn")
+    if k_scale is not None or v_scale is not None:
+        raise ValueError(f"k_scale / v_scale are for float8_e4m3fn KV caches; this cache is {k_cache.dtype}")
+    return False
+
+
+def _bytes(cache: torch.Tensor) -> torch.Tensor:
+    """An e4m3 cache as the uint8 tensor of its bytes (index_copy_ has no float8 kernel on every
+    device); any other cache as it is."""
+    return cache.view(torch.uint8) if cache.dtype == KV_FP8_DTYPE else cache
+
+
+def _read(x: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+    """Cache entries in the compute dtype: dequantized where there is a scale, cast otherwise."""
+    return x.to(dtype) if scale is None else dequantize_kv(x, scale, dtype)
+
+
 def write_kv_ref(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Stores new keys and values [T, Hk, D] at their flat slots; slots < 0 are skipped."""
+    """Stores new keys and values [T, Hk, D] at their flat slots; slots < 0 are skipped. An e4m3
+    cache stores ``quantize_kv(k, k_scale)`` and ``quantize_kv(v, v_scale)``."""
+    fp8 = kv_cache_is_fp8(k_cache, v_cache, k_scale, v_scale)
     nb, bs = k_cache.shape[:2]
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    if fp8:
+        rows = (nb * bs, *k_cache.shape[2:])
+        _bytes(k_cache).view(rows).index_copy_(0, slot_mapping, quantize_kv(k, k_scale).view(torch.uint8))
+        _bytes(v_cache).view(rows).index_copy_(0, slot_mapping, quantize_kv(v, v_scale).view(torch.uint8))
+        return
     k_cache.view(nb * bs, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(nb * bs, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def gather_kv(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first ``length`` tokens of a sequence, [length, Hk, D], read through its block table."""
+    """The first ``length`` tokens of a sequence, [length, Hk, D], read through its block table
+    (in the cache's dtype: e4m3 entries are returned as they are stored)."""
     bs = cache.shape[1]
     nblk = (length + bs - 1) // bs
-    return cache.index_select(0, table[:nblk]).flatten(0, 1)[:length]
+    out = _bytes(cache).index_select(0, table[:nblk]).flatten(0, 1)[:length]
+    return out.view(cache.dtype)
 
 
-def _decode_batch_ref(q, k_cache, v_cache, meta: AttentionMetadata, rows: list[int], seqs: list[int], scale: float):
+def _decode_batch_ref(q, k_cache, v_cache, meta: AttentionMetadata, rows: list[int], seqs: list[int], scale: float,
+                      k_scale=None, v_scale=None):
     """One query token per sequence: gather every context at once, padded and masked."""
     bs = k_cache.shape[1]
     lens = torch.tensor([meta.seq_lens_cpu[i] for i in seqs], device=q.device)
@@ -77,8 +164,9 @@ def _decode_batch_ref(q, k_cache, v_cache, meta: AttentionMetadata, rows: list[i
     idx = torch.tensor(seqs, device=q.device)
     tables = meta.block_tables.index_select(0, idx)[:, :nblk].long()
     b = len(seqs)
-    k = k_cache[tables].reshape(b, nblk * bs, *k_cache.shape[2:])[:, :width].to(q.dtype)
-    v = v_cache[tables].reshape(b, nblk * bs, *v_cache.shape[2:])[:, :width].to(q.dtype)
+    k = _bytes(k_cache)[tables].view(k_cache.dtype).reshape(b, nblk * bs, *k_cache.shape[2:])[:, :width]
+    v = _bytes(v_cache)[tables].view(v_cache.dtype).reshape(b, nblk * bs, *v_cache.shape[2:])[:, :width]
+    k, v = _read(k, k_scale, q.dtype), _read(v, v_scale, q.dtype)
     kpos = torch.arange(width, device=q.device)
     mask = kpos[None, :] < lens[:, None]
     if meta.sliding_window is not None:
@@ -97,9 +185,13 @@ def paged_attention_ref(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] against each sequence's cached context; returns [T, Hq, D].
-    Single-token queries (decodes) are batched together; longer ones run one sequence at a time."""
+    Single-token queries (decodes) are batched together; longer ones run one sequence at a time.
+    Keys and values are read in q's dtype (an e4m3 cache's through ``dequantize_kv``)."""
+    kv_cache_is_fp8(k_cache, v_cache, k_scale, v_scale)
     out = torch.empty_like(q)
     hq, hk = q.shape[1], k_cache.shape[2]
     dec_rows, dec_seqs = [], []
@@ -113,8 +205,8 @@ def paged_attention_ref(
         if qlen == 0:
             continue
         table = meta.block_tables[i]
-        k = gather_kv(k_cache, table, slen).to(q.dtype)
-        v = gather_kv(v_cache, table, slen).to(q.dtype)
+        k = _read(gather_kv(k_cache, table, slen), k_scale, q.dtype)
+        v = _read(gather_kv(v_cache, table, slen), v_scale, q.dtype)
         qi = q[start : start + qlen]
         qpos = torch.arange(slen - qlen, slen, device=q.device)
         kpos = torch.arange(slen, device=q.device)
@@ -130,36 +222,56 @@ def paged_attention_ref(
         out[start : start + qlen] = o.transpose(0, 1)
         start += qlen
     if dec_rows:
-        out[torch.tensor(dec_rows, device=q.device)] = _decode_batch_ref(q, k_cache, v_cache, meta, dec_rows, dec_seqs, scale)
+        out[torch.tensor(dec_rows, device=q.device)] = _decode_batch_ref(
+            q, k_cache, v_cache, meta, dec_rows, dec_seqs, scale, k_scale, v_scale
+        )
     return out
 
 
-def rotary_write_kv_ref(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+def rotary_write_kv_ref(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping,
+                        k_scale=None, v_scale=None) -> torch.Tensor:
     """Rotates q and k (``apply_rotary_ref``), writes the rotated k and v into the cache
-    (``write_kv_ref``) and returns the rotated q."""
+    (``write_kv_ref``, quantized with the scales for an e4m3 cache) and returns the rotated q."""
     from kiln.kernels.rotary import apply_rotary_ref
 
+    kv_cache_is_fp8(k_cache, v_cache, k_scale, v_scale)
     q, k = apply_rotary_ref(q, k, positions, rope_cache)
-    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q
 
 
-def rotary_write_kv(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+def rotary_write_kv(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping,
+                    k_scale=None, v_scale=None) -> torch.Tensor:
     """An attention layer's step before attention: the rotary embedding of q [T, Hq, D] and
     k [T, Hk, D] at ``positions``, the rotated k and v written to the paged cache at
-    ``slot_mapping`` (slots < 0 skipped); returns the rotated q. One kernel on a GPU."""
+    ``slot_mapping`` (slots < 0 skipped); returns the rotated q. One kernel on a GPU.
+
+    For a float8_e4m3fn cache pass the layer's ``k_scale`` and ``v_scale`` (float32 tensors of
+    shape [1] on the cache's device); the cache then holds ``quantize_kv`` of the rotated k and
+    of v, byte for byte the same on the GPU and the CPU. The kernel reads the scales from their
+    tensors, so a CUDA graph that captured it uses a scale changed in place."""
     if q.is_cuda:
         from kiln.kernels import triton_ops
 
         if triton_ops.available():
-            return triton_ops.rotary_write_kv(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping)
-    return rotary_write_kv_ref(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping)
+            from kiln.kernels import triton_attention
+
+            return triton_attention.rotary_write_kv(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping,
+                                                    k_scale, v_scale)
+    return rotary_write_kv_ref(q, k, v, positions, rope_cache, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                    k_scale=None, v_scale=None) -> torch.Tensor:
+    """Causal attention of q [T, Hq, D] against the paged cache (``paged_attention_ref``'s
+    result); on a GPU the Triton kernels, which can be captured in a CUDA graph for decode-only
+    batches. An e4m3 cache needs the layer's ``k_scale`` and ``v_scale``: keys are read as
+    ``cache.float() * k_scale`` and values as ``cache.float() * v_scale``."""
     if q.is_cuda:
         from kiln.kernels import triton_ops
 
         if triton_ops.available():
-            return triton_ops.paged_attention(q, k_cache, v_cache, meta, scale)
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+            from kiln.kernels import triton_attention
+
+            return triton_attention.paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, k_scale, v_scale)

@@ -31,7 +31,13 @@ def _add_build(sub) -> None:
     p.add_argument("--output", default=None, help="engine directory (default engines/<model>-<dtype>-tp<N>)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: float32 on a CPU, bfloat16 on a GPU")
     p.add_argument("--quant", default="none", choices=["none", "fp8", "int4-awq", "int8-weight"])
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: the KV cache in E4M3 (twice the tokens)")
+    p.add_argument("--calibration", default="dynamic", choices=["dynamic", "static"],
+                   help="--quant fp8 activations: scaled per token at run time, or per tensor from calibration")
+    p.add_argument("--calibration-text", default=None, help="a text file to calibrate on (default: the text kiln ships)")
+    p.add_argument("--group-size", type=int, default=128, help="--quant int4-awq: input columns per scale and zero point")
+    p.add_argument("--int4-search", default="awq", choices=["awq", "rtn"],
+                   help="--quant int4-awq: AWQ's activation-aware scale search, or plain round-to-nearest")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device class the engine targets (default: cuda if present)")
     for flag in ("tp", "pp", "ep"):
         p.add_argument(f"--{flag}", type=int, default=1)
@@ -60,7 +66,8 @@ def cmd_build(a) -> int:
         build = BuildConfig(
             dtype=dtype, quant=a.quant, kv_cache_dtype=a.kv_cache_dtype, tp=a.tp, pp=a.pp, ep=a.ep,
             max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len, max_num_tokens=a.max_num_tokens,
-            tokens_per_block=a.tokens_per_block,
+            tokens_per_block=a.tokens_per_block, activation_scales=a.calibration, group_size=a.group_size,
+            int4_search=a.int4_search,
         )
     except ValidationError as e:
         raise CLIError(_pydantic_line(e)) from None
@@ -68,7 +75,7 @@ def cmd_build(a) -> int:
         raise CLIError(f"invalid --max-num-tokens: must be at least --tokens-per-block ({build.tokens_per_block})")
     ranks = _parse_ranks(a.ranks) if a.ranks is not None else None
     build_engine(a.model, a.output, build, random_weights=a.random_weights, seed=a.seed, device_class=device, progress=not a.quiet,
-                 ranks=ranks, weights_at_load=a.weights_at_load)
+                 ranks=ranks, weights_at_load=a.weights_at_load, calibration_text=a.calibration_text)
     return 0
 
 
@@ -147,17 +154,24 @@ def _add_serve(sub) -> None:
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds to drain on SIGTERM")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-server-count", type=int, default=1,
+                   help="API server processes (HTTP, tokenization, streaming) in front of the one engine core process")
 
 
 def cmd_serve(a) -> int:
     try:
-        from kiln.launch.server import serve
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+        import zmq  # noqa: F401
+
+        from kiln.launch.supervisor import serve
     except ImportError as e:
         raise CLIError(f"serving needs the server extras ({e.name} is missing): pip install 'kiln-llm[serve]'") from None
     if not (0 < a.port < 65536):
         raise CLIError(f"invalid --port: {a.port} is not in 1..65535")
-    if a.launcher == "torchrun":
-        raise CLIError("--launcher torchrun is not available for serve: use --launcher local or --launcher ray")
+    if not (1 <= a.api_server_count <= 64):
+        raise CLIError(f"invalid --api-server-count: {a.api_server_count} is not in 1..64")
     if a.launcher == "ray":
         from kiln.launch.topology import load_topology
 

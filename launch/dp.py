@@ -116,6 +116,7 @@ class DPEngine:
         self._closed = False
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, dp), thread_name_prefix="kiln-dp")
         self.scheduler = _WaitingView(self)
+        self._detokenize = True
         self._start_all()
         self._monitor = threading.Thread(target=self._monitor_loop, name="kiln-dp-monitor", daemon=True)
         self._monitor.start()
@@ -137,6 +138,18 @@ class DPEngine:
             raise errors[0]
         self.max_num_tokens = self._slots[0].engine.max_num_tokens
         self.eos_token_ids = self._slots[0].engine.eos_token_ids
+
+    @property
+    def detokenize(self) -> bool:
+        """``LLMEngine.detokenize`` of every replica, restarted ones included."""
+        return self._detokenize
+
+    @detokenize.setter
+    def detokenize(self, value: bool) -> None:
+        self._detokenize = bool(value)
+        for s in self._slots:
+            if s.engine is not None:
+                s.engine.detokenize = self._detokenize
 
     # --- requests -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -357,6 +370,7 @@ class DPEngine:
             ready, self._ready = self._ready, []
         for index, engine, handle in ready:
             slot = self._slots[index]
+            engine.detokenize = self._detokenize
             slot.engine, slot.handle, slot.flagged = engine, handle, None
             slot.healthy = True
             slot.restarts += 1

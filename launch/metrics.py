@@ -1,14 +1,19 @@
 """Prometheus metrics of the HTTP server, kept in a registry of their own.
 
-Engine gauges (requests running and waiting, KV blocks, prefix cache hit rate, preemptions) are
-read from ``AsyncEngine.stats()`` when /metrics is scraped; per-request latencies and token
-counts are recorded by the server as each request ends.
+Engine gauges (requests running and waiting, KV blocks, prefix cache hit rate, preemptions, steps,
+the engine core's busy time) come from the engine's stats when /metrics is scraped: the engine
+core process sends them with every output frame and on request. Per-request latencies, token
+counts and errors are recorded by the API server as each request ends. With several API server
+processes, ``kiln serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` and every process's counters are
+summed on each scrape, whichever process answers it.
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
@@ -21,16 +26,41 @@ ERROR_KINDS = (
 )
 
 
-class _PreemptionCollector:
-    """Exposes the engine's own preemption count as a counter (it only grows)."""
+_ENGINE_GAUGES = (
+    ("kiln_requests_running", "requests being generated", "running"),
+    ("kiln_requests_waiting", "requests waiting to be scheduled", "waiting"),
+    ("kiln_kv_blocks_used", "KV cache blocks in use", "kv_blocks_used"),
+    ("kiln_kv_blocks_free", "KV cache blocks free", "kv_blocks_free"),
+    ("kiln_prefix_cache_hit_rate", "prefix cache hit rate", "prefix_cache_hit_rate"),
+    ("kiln_engine_steps", "engine steps run", "steps"),
+)
+_ENGINE_COUNTERS = (
+    ("kiln_preemptions", "sequences preempted by the scheduler", "preemptions"),
+    ("kiln_engine_busy_seconds", "seconds the engine core spent in steps", "core_busy_s"),
+)
+
+
+class _EngineCollector:
+    """The engine's stats as gauges and (for the counts that only grow) counters."""
 
     def __init__(self, metrics: "ServerMetrics"):
         self._metrics = metrics
 
     def collect(self):
-        c = CounterMetricFamily("kiln_preemptions", "sequences preempted by the scheduler")
-        c.add_metric([], float(self._metrics.stats.get("preemptions", 0)))
-        yield c
+        s = self._metrics.stats
+        for name, doc, key in _ENGINE_GAUGES:
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(s.get(key, 0) or 0))
+            yield g
+        used, free = s.get("kv_blocks_used", 0), s.get("kv_blocks_free", 0)
+        total = s.get("kv_blocks_total") or (used + free)
+        g = GaugeMetricFamily("kiln_kv_cache_usage", "fraction of KV cache blocks in use")
+        g.add_metric([], used / total if total else 0.0)
+        yield g
+        for name, doc, key in _ENGINE_COUNTERS:
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(s.get(key, 0) or 0))
+            yield c
 
 
 class ServerMetrics:
@@ -39,16 +69,12 @@ class ServerMetrics:
         self.model_name = model_name
         self._stats_fn = stats_fn
         self.stats: dict = {}
+        self.multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         r = self.registry
-        self.running = Gauge("kiln_requests_running", "requests being generated", registry=r)
-        self.waiting = Gauge("kiln_requests_waiting", "requests waiting to be scheduled", registry=r)
-        self.kv_used = Gauge("kiln_kv_blocks_used", "KV cache blocks in use", registry=r)
-        self.kv_free = Gauge("kiln_kv_blocks_free", "KV cache blocks free", registry=r)
-        self.kv_usage = Gauge("kiln_kv_cache_usage", "fraction of KV cache blocks in use", registry=r)
-        self.hit_rate = Gauge("kiln_prefix_cache_hit_rate", "prefix cache hit rate", registry=r)
-        self.engine_steps = Gauge("kiln_engine_steps", "engine steps run", registry=r)
-        self.http_inflight = Gauge("kiln_http_requests_in_flight", "generation requests the server is handling", registry=r)
-        r.register(_PreemptionCollector(self))
+        self.http_inflight = Gauge("kiln_http_requests_in_flight", "generation requests the server is handling", registry=r,
+                                   multiprocess_mode="livesum")
+        self._engine = _EngineCollector(self)
+        r.register(self._engine)
         self.ttft = Histogram("kiln_time_to_first_token_seconds", "time to first token", buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("kiln_time_per_output_token_seconds", "time per output token after the first", buckets=_TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("kiln_e2e_request_latency_seconds", "request latency, arrival to finish", buckets=_LATENCY_BUCKETS, registry=r)
@@ -64,17 +90,7 @@ class ServerMetrics:
     def refresh(self) -> None:
         if self._stats_fn is None:
             return
-        s = self._stats_fn() or {}
-        self.stats = s
-        self.running.set(s.get("running", 0))
-        self.waiting.set(s.get("waiting", 0))
-        used, free = s.get("kv_blocks_used", 0), s.get("kv_blocks_free", 0)
-        total = s.get("kv_blocks_total") or (used + free)
-        self.kv_used.set(used)
-        self.kv_free.set(free)
-        self.kv_usage.set(used / total if total else 0.0)
-        self.hit_rate.set(s.get("prefix_cache_hit_rate", 0.0) or 0.0)
-        self.engine_steps.set(s.get("steps", 0))
+        self.stats = self._stats_fn() or {}
 
     def observe_request(self, out) -> None:
         """Records a finished RequestOutput: latencies, tokens and finish reasons."""
@@ -100,7 +116,14 @@ class ServerMetrics:
 
     def render(self) -> tuple[bytes, str]:
         self.refresh()
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.multiproc_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self.multiproc_dir)
+        merged.register(self._engine)
+        return generate_latest(merged), CONTENT_TYPE_LATEST
 
 
 __all__ = ["ServerMetrics", "FINISH_REASONS", "ERROR_KINDS"]

@@ -64,9 +64,12 @@ def _divisors(n: int) -> list[int]:
 
 
 def plan(model: str, gpu: str = "h100", gpus: int = 1, gpus_per_node: int | None = None, dtype: str = "bfloat16",
-         max_seq_len: int = 4096, max_batch_size: int = 256, ep: int = 1) -> dict:
+         max_seq_len: int = 4096, max_batch_size: int = 256, ep: int = 1, quant: str = "none",
+         kv_cache_dtype: str = "auto") -> dict:
     from kiln.parallel.mapping import Mapping
     from kiln.runtime.builder import TORCH_DTYPES, rank_layout
+    from kiln.runtime.config import BuildConfig
+    from kiln.runtime.quantize import linear_quant_for
     from kiln.runtime.checkpoint import open_checkpoint
     from kiln.runtime.kv_cache import gpu_memory_utilization
     from kiln.runtime.model import LocalShape
@@ -79,7 +82,14 @@ def plan(model: str, gpu: str = "h100", gpus: int = 1, gpus_per_node: int | None
     per_node = gpus_per_node or min(gpus, 8)
     cfg = open_checkpoint(model, random_weights=not os.path.exists(model), dtype=TORCH_DTYPES[dtype]).config
     tdt = TORCH_DTYPES[dtype]
-    size = torch.empty((), dtype=tdt).element_size()
+    try:
+        lq = linear_quant_for(BuildConfig(dtype=dtype, quant=quant, kv_cache_dtype=kv_cache_dtype))
+    except ValueError as e:
+        raise PlanError(f"invalid --quant/--kv-cache-dtype: {str(e).splitlines()[0]}") from None
+    kv_size = 1 if lq.kv_fp8 else torch.empty((), dtype=tdt).element_size()
+
+    def nbytes(layout) -> int:  # each tensor at its own element size (quantized weights are smaller)
+        return sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in layout.values())
     budget = mem_mib * (1 << 20) * gpu_memory_utilization() - RESERVE_BYTES
     max_len = min(max_seq_len, cfg.max_position_embeddings)
     options: list[Option] = []
@@ -91,18 +101,19 @@ def plan(model: str, gpu: str = "h100", gpus: int = 1, gpus_per_node: int | None
                 continue
             try:
                 ranks = [Mapping(tp=tp, pp=pp, ep=ep, rank=r) for r in range(tp * pp)]
-                sizes = [sum(torch.Size(s).numel() for s, _ in rank_layout(cfg, m, tdt).values()) * size for m in ranks]
+                sizes = [nbytes(rank_layout(cfg, m, tdt, lq)) for m in ranks]
                 shapes = [LocalShape.of(cfg, m) for m in ranks]
             except ValueError:
                 continue
-            kv_per_token = [len(ls.layers) * 2 * ls.num_kv_heads * ls.head_dim * size for ls in shapes]
+            kv_per_token = [len(ls.layers) * 2 * ls.num_kv_heads * ls.head_dim * kv_size for ls in shapes]
             free = [budget - s for s in sizes]
             kv_tokens = int(min(f // k for f, k in zip(free, kv_per_token))) if min(free) > 0 else 0
             fits = kv_tokens >= max_len
             # Batch 1: the stages run one after another, so each stage's largest rank adds up.
             stage_bytes = [max(sizes[s * tp:(s + 1) * tp]) for s in range(pp)]
             ms = sum(stage_bytes) / bw * DECODE_OVERHEAD * 1e3 + (2 * cfg.num_hidden_layers * ALLREDUCE_S * 1e3 if tp > 1 else 0)
-            cmd = f"kiln build --model {model} --dtype {dtype} --tp {tp}" + (f" --pp {pp}" if pp > 1 else "") + \
+            cmd = f"kiln build --model {model} --dtype {dtype}" + (f" --quant {quant}" if quant != "none" else "") + \
+                  (" --kv-cache-dtype fp8" if lq.kv_fp8 else "") + f" --tp {tp}" + (f" --pp {pp}" if pp > 1 else "") + \
                   (f" --ep {ep}" if ep > 1 else "") + f" --max-seq-len {max_len} --max-batch-size {max_batch_size}"
             options.append(Option(tp, pp, gpus // (tp * pp), round(max(sizes) / GIB, 2), fits, kv_tokens,
                                   kv_tokens // max_len if fits else 0, round(ms, 2), cmd))
@@ -119,13 +130,16 @@ def plan(model: str, gpu: str = "h100", gpus: int = 1, gpus_per_node: int | None
     return {
         "model": model, "gpu": label, "gpus": gpus, "dtype": dtype, "max_seq_len": max_len, "max_batch_size": max_batch_size,
         "gpu_memory_utilization": gpu_memory_utilization(),
-        "weights_gib": round(sum(torch.Size(s).numel() for s, _ in rank_layout(cfg, Mapping(), tdt).values()) * size / GIB, 2),
+        "quant": quant, "kv_cache_dtype": kv_cache_dtype,
+        "weights_gib": round(nbytes(rank_layout(cfg, Mapping(), tdt, lq)) / GIB, 2),
         "options": [asdict(o) for o in options], "recommended": asdict(best),
     }
 
 
 def format_plan(p: dict) -> str:
-    lines = [f"{p['model']} in {p['dtype']}: {p['weights_gib']} GiB of weights; {p['gpus']} x {p['gpu']}, "
+    prec = p["dtype"] + (f" + {p['quant']}" if p.get("quant", "none") != "none" else "") + \
+        (" + fp8 KV" if p.get("kv_cache_dtype") == "fp8" else "")
+    lines = [f"{p['model']} in {prec}: {p['weights_gib']} GiB of weights; {p['gpus']} x {p['gpu']}, "
              f"max_seq_len {p['max_seq_len']}, max_batch_size {p['max_batch_size']}",
              f"{'layout':<14}{'GiB/GPU':>9}{'fits':>6}{'KV tokens/replica':>19}{'seqs@max':>10}{'batch-1 ms/tok':>16}"]
     for o in p["options"]:
@@ -147,6 +161,8 @@ def add_parser(sub) -> None:
     p.add_argument("--topology", default=None, help="a cluster_configs/ file: GPU type and count from it")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--quant", default="none", choices=["none", "fp8", "int4-awq", "int8-weight"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -165,6 +181,6 @@ def cmd_plan(a) -> int:
     for name, v in (("--max-seq-len", a.max_seq_len), ("--max-batch-size", a.max_batch_size), ("--ep", a.ep)):
         if v < 1:
             raise PlanError(f"{name} must be at least 1")
-    p = plan(a.model, gpu, gpus or 1, per_node, a.dtype, a.max_seq_len, a.max_batch_size, a.ep)
+    p = plan(a.model, gpu, gpus or 1, per_node, a.dtype, a.max_seq_len, a.max_batch_size, a.ep, a.quant, a.kv_cache_dtype)
     print(json.dumps(p, indent=2) if a.json else format_plan(p))
     return 0

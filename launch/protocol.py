@@ -116,7 +116,7 @@ class _SamplingRequest(_Model):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         if self.logit_bias:
             raise ProtocolError("logit_bias is not supported", param="logit_bias")
         fields: dict[str, Any] = {
@@ -132,6 +132,7 @@ class _SamplingRequest(_Model):
             "ignore_eos": bool(self.ignore_eos),
             "include_stop_str_in_output": bool(self.include_stop_str_in_output),
             "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
             "repetition_penalty": self.repetition_penalty or 1.0,
             "presence_penalty": self.presence_penalty or 0.0,
             "frequency_penalty": self.frequency_penalty or 0.0,
@@ -148,7 +149,12 @@ class _SamplingRequest(_Model):
 
 
 class CompletionRequest(_SamplingRequest):
+    """A legacy completion. ``echo`` puts the prompt before the output; with ``logprobs`` the
+    prompt's tokens come first in ``logprobs`` too (the first with null values), and
+    ``max_tokens: 0`` with ``echo`` only scores the prompt."""
+
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = False
     suffix: str | None = None
@@ -177,9 +183,17 @@ class CompletionRequest(_SamplingRequest):
             raise ProtocolError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise ProtocolError("best_of must equal n when given", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise ProtocolError("echo together with logprobs is not supported", param="echo")
-        return self._sampling(16 if self.max_tokens is None else self.max_tokens, self.logprobs)
+        if self.max_tokens == 0 and not self.echo:
+            raise ProtocolError("max_tokens must be at least 1 (0 is allowed only with echo, to score the prompt)",
+                                param="max_tokens")
+        max_tokens = 16 if self.max_tokens is None else max(self.max_tokens, 1)  # a prompt-only score still runs one step
+        prompt_logprobs = self.logprobs if self.echo else None
+        return self._sampling(max_tokens, self.logprobs, prompt_logprobs)
+
+    @property
+    def score_only(self) -> bool:
+        """``echo`` with ``max_tokens: 0``: the answer holds the prompt only, no generated tokens."""
+        return bool(self.echo) and self.max_tokens == 0
 
 
 class TextPart(_Model):

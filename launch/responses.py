@@ -102,9 +102,10 @@ async def merge_streams(gens: list, firsts: list):
             await g.aclose()
 
 
-def usage_of(finals) -> dict:
+def usage_of(finals, count_output: bool = True) -> dict:
+    """OpenAI's usage block; ``count_output=False`` for a prompt-only score (echo, max_tokens 0)."""
     prompt = sum(len(o.prompt_token_ids) for o in finals)
-    completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
+    completion = sum(len(c.token_ids) for o in finals for c in o.outputs) if count_output else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -139,6 +140,41 @@ def completion_logprobs(entries: list[dict], offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def echo_logprobs(out, decode) -> dict | None:
+    """The echoed prompt's part of OpenAI's completions logprobs (from ``out.prompt_logprobs``):
+    the first token has null ``token_logprobs`` and ``top_logprobs``; offsets count from the start
+    of the echoed text. None when the request did not ask for prompt logprobs."""
+    entries = out.prompt_logprobs
+    if entries is None or not out.prompt_token_ids:
+        return None
+    first = decode([out.prompt_token_ids[0]])
+    rest = completion_logprobs([e for e in entries[1:] if e is not None], len(first))
+    return {
+        "tokens": [first, *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": [0, *rest["text_offset"]],
+    }
+
+
+def join_logprobs(head: dict | None, tail: dict | None) -> dict | None:
+    """Two completions logprobs blocks one after the other (the echoed prompt's, then the output's)."""
+    if head is None or tail is None:
+        return head if tail is None else tail
+    return {k: [*head[k], *tail[k]] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def completion_choice(out, c, echo: str | None, score_only: bool, decode) -> tuple[str, dict | None]:
+    """A finished completion's text and logprobs: with ``echo`` (the prompt's text) both start
+    with the prompt; ``score_only`` (echo with max_tokens 0) leaves the generated token out."""
+    prefix = echo or ""
+    gen = completion_logprobs(c.logprobs, len(prefix)) if c.logprobs is not None and not score_only else None
+    if echo is None:
+        return c.text, gen
+    text = prefix if score_only else prefix + c.text
+    return text, join_logprobs(echo_logprobs(out, decode), gen)
+
+
 def chat_logprobs(entries: list[dict], k: int) -> list[dict]:
     """OpenAI's chat shape: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
     out = []
@@ -170,6 +206,7 @@ def chat_chunk(ctx, index: int, delta: dict, logprobs, finish_reason) -> dict:
 
 
 __all__ = [
-    "APIError", "EventStream", "chat_chunk", "chat_logprobs", "completion_chunk", "completion_logprobs",
-    "error_event", "error_response", "merge_streams", "sse", "usage_of",
+    "APIError", "EventStream", "chat_chunk", "chat_logprobs", "completion_choice", "completion_chunk",
+    "completion_logprobs", "echo_logprobs", "error_event", "error_response", "join_logprobs", "merge_streams", "sse",
+    "usage_of",
 ]

@@ -27,6 +27,8 @@ def resume_request(engine, old: Request) -> Request:
     req.arrival = old.arrival
     req.first_token_time = old.first_token_time
     req.num_cached_tokens = old.num_cached_tokens
+    if old.prompt_logprobs is not None:
+        req.prompt_logprobs = list(old.prompt_logprobs)  # positions scored already are not scored again
     src, dst = old.seqs[0], req.seqs[0]
     assert dst.status is SeqStatus.WAITING and dst.sent_table is None
     outs = src.output_ids
@@ -56,4 +58,5 @@ def ended_output(req: Request, reason: str, message: str | None) -> RequestOutpu
     if req.first_token_time is not None:
         metrics["first_token"] = req.first_token_time
     return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, outputs=outs,
-                         finished=True, error=message, num_cached_tokens=req.num_cached_tokens, metrics=metrics)
+                         finished=True, error=message, num_cached_tokens=req.num_cached_tokens, metrics=metrics,
+                         prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None)

@@ -1,21 +1,17 @@
-"""The OpenAI-compatible HTTP server: ``build_app`` makes the FastAPI app, ``serve`` runs ``kiln serve``.
+"""The OpenAI-compatible HTTP app: ``build_app`` makes it, ``serve`` runs ``kiln serve``.
 
 Routes: POST /v1/completions and /v1/chat/completions (JSON or server-sent events), GET /v1/models,
-GET /health and GET /metrics. Every error uses OpenAI's body ``{"error": {...}}``. SIGTERM drains:
-/health and new requests answer 503, requests in flight get ``grace_period`` seconds to finish,
-what remains is aborted, then the process exits.
+GET /health and GET /metrics. Every error uses OpenAI's body ``{"error": {...}}``. The app runs in
+the API server processes (``kiln.launch.api_server``) over a client of the engine core process
+(``kiln.launch.core_client``). SIGTERM drains: /health and new requests answer 503, requests in
+flight get ``grace_period`` seconds to finish, what remains is aborted, then the process exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import signal
-import socket
-import threading
 import time
 
 from fastapi import FastAPI, Request
@@ -23,13 +19,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kiln.launch.api_server import DrainingServer, make_server
+from kiln.launch.logs import configure_logging
 from kiln.launch.metrics import ServerMetrics
 from kiln.launch.protocol import (
     ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ProtocolError, new_id, now,
 )
 from kiln.launch.responses import (
-    APIError, EventStream, chat_chunk, chat_logprobs, completion_chunk, completion_logprobs, error_event,
-    error_response, merge_streams, sse, usage_of,
+    APIError, EventStream, chat_chunk, chat_logprobs, completion_choice, completion_chunk, completion_logprobs,
+    echo_logprobs, error_event, error_response, merge_streams, sse, usage_of,
 )
 from kiln.runtime.async_engine import EngineDeadError, QueueFullError, RequestError
 
@@ -39,10 +37,14 @@ _OPEN_PATHS = {"/health"}
 
 
 class ServerState:
-    """What the routes share: the engine (None while loading), names, limits and the drain flag."""
+    """What the routes share: the engine client (an ``AsyncEngine`` in this process or a
+    ``CoreClient`` of the engine core process; None while loading), names, limits, the drain
+    flag, and which API server process this is (``api_server``, None when there is one)."""
 
-    def __init__(self, engine, model_name: str, aliases: list[str], api_key, request_timeout: float, max_body_bytes: int):
+    def __init__(self, engine, model_name: str, aliases: list[str], api_key, request_timeout: float, max_body_bytes: int,
+                 api_server: int | None = None):
         self.engine = None
+        self.api_server = api_server
         self.model_name = model_name
         self.aliases = {model_name, *[a for a in aliases if a]}
         self.api_key = api_key
@@ -57,13 +59,21 @@ class ServerState:
 
     def attach(self, engine) -> None:
         self.engine = engine
-        self.max_seq_len = getattr(getattr(engine, "engine", None), "max_seq_len", None)
+        self.max_seq_len = getattr(engine, "max_seq_len", None) or getattr(getattr(engine, "engine", None), "max_seq_len", None)
 
     def _stats(self) -> dict:
         return self.engine.stats() if self.engine is not None else {}
 
     def serving(self) -> bool:
         return self.engine is not None and not self.draining and self.engine.is_alive()
+
+    def unavailable(self) -> str:
+        """Why the server does not serve: loading, draining or dead."""
+        if self.engine is None or getattr(self.engine, "loading", False):
+            return "loading"
+        if self.draining or getattr(self.engine, "core_draining", False):
+            return "draining"
+        return "dead"
 
     def abort_all(self) -> int:
         n = 0
@@ -81,8 +91,11 @@ class _Guard:
     def __init__(self, app, state: ServerState):
         self.app = app
         self.state = state
+        self._tag = (b"x-kiln-api-server", str(state.api_server).encode())
 
     async def __call__(self, scope, receive, send):
+        if self.state.api_server is not None and scope["type"] == "http":
+            send = _tagged(send, self._tag)
         if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
             return await self.app(scope, receive, send)
         st = self.state
@@ -96,7 +109,8 @@ class _Guard:
                 return await error_response(err)(scope, receive, send)
         if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
             if st.engine is None or st.draining or not st.engine.is_alive():
-                why = "the server is loading" if st.engine is None else "the server is shutting down" if st.draining else "the engine has stopped"
+                why = {"loading": "the server is loading", "draining": "the server is shutting down"}.get(
+                    st.unavailable(), "the engine has stopped")
                 st.metrics.error("unavailable")
                 return await error_response(APIError(503, why, "service_unavailable", code="unavailable"))(scope, receive, send)
             declared = headers.get(b"content-length")
@@ -126,6 +140,17 @@ class _Guard:
         return await self.app(scope, receive, send)
 
 
+def _tagged(send, header: tuple[bytes, bytes]):
+    """``send`` that adds ``header`` to the response's headers."""
+
+    async def tagged(msg):
+        if msg["type"] == "http.response.start":
+            msg = {**msg, "headers": [*msg.get("headers", ()), header]}
+        await send(msg)
+
+    return tagged
+
+
 def _error_kind(err: APIError) -> str:
     if err.code == "context_length_exceeded":
         return "context_length_exceeded"
@@ -141,9 +166,12 @@ def build_app(
     max_body_bytes: int = 4 << 20,
     request_timeout: float = 600.0,
     aliases: list[str] | tuple[str, ...] = (),
+    api_server: int | None = None,
 ) -> FastAPI:
-    """The app over an ``AsyncEngine`` (or None while it loads; attach it with ``app.state.kiln.attach``)."""
-    state = ServerState(async_engine, model_name, list(aliases), api_key, request_timeout, max_body_bytes)
+    """The app over an engine client: a ``CoreClient`` of the engine core process, or an
+    ``AsyncEngine`` in this process (or None while it loads; attach it with ``app.state.kiln.attach``).
+    ``api_server`` numbers this API server process (the ``X-Kiln-Api-Server`` header)."""
+    state = ServerState(async_engine, model_name, list(aliases), api_key, request_timeout, max_body_bytes, api_server)
     app = FastAPI(title="kiln", version="0.1.0")
     app.state.kiln = state
 
@@ -180,8 +208,7 @@ def build_app(
     async def health():
         if state.serving():
             return {"status": "ok"}
-        why = "loading" if state.engine is None else "draining" if state.draining else "dead"
-        return JSONResponse({"status": why}, status_code=503)
+        return JSONResponse({"status": state.unavailable()}, status_code=503)
 
     @app.get("/v1/models")
     async def models():
@@ -190,6 +217,9 @@ def build_app(
 
     @app.get("/metrics")
     async def metrics():
+        refresh = getattr(state.engine, "refresh_stats", None)
+        if refresh is not None:
+            await refresh()
         body, ctype = state.metrics.render()
         return Response(body, media_type=ctype)
 
@@ -199,7 +229,7 @@ def build_app(
         params = _params(body)
         rid = new_id("cmpl")
         prompts = body.prompts()
-        echo = [p if isinstance(p, str) else "" for p in prompts] if body.echo else None
+        echo = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts] if body.echo else None
         return await _run(state, request, rid, "/v1/completions", prompts, params, body, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
@@ -286,6 +316,7 @@ class _Ctx:
         self.state, self.rid, self.route, self.params, self.body = state, rid, route, params, body
         self.chat, self.echo, self.t0, self.deadline = chat, echo, t0, deadline
         self.n = params.n
+        self.score_only = not chat and bool(getattr(body, "score_only", False))
         self.num_prompts = num_prompts
         self.finals: dict[int, object] = {}
         self.status = 200
@@ -299,7 +330,7 @@ class _Ctx:
             self.state.metrics.observe_request(out)
 
     def usage(self) -> dict:
-        return usage_of(self.finals.values())
+        return usage_of(self.finals.values(), count_output=not self.score_only)
 
     def close(self) -> None:
         if self._closed:
@@ -350,7 +381,11 @@ async def _collect(ctx: _Ctx, request: Request, stream):
             with contextlib.suppress(BaseException):
                 await work
     if work in done:
-        work.result()
+        try:
+            work.result()
+        except EngineDeadError as e:
+            ctx.status, ctx.outcome = 503, "engine_dead"
+            raise APIError(503, str(e), "service_unavailable", code="engine_dead") from None
     elif watch in done:
         ctx.status, ctx.outcome = 499, "client_disconnected"
         ctx.state.metrics.error("aborted")
@@ -382,10 +417,9 @@ def _full_body(ctx: _Ctx) -> dict:
                                 "logprobs": {"content": lp} if lp is not None else None,
                                 "finish_reason": _finish(c.finish_reason)})
             else:
-                prefix = ctx.echo[p] if ctx.echo else ""
-                lp = completion_logprobs(c.logprobs, len(prefix)) if c.logprobs is not None else None
-                choices.append({"index": idx, "text": prefix + c.text, "logprobs": lp,
-                                "finish_reason": _finish(c.finish_reason)})
+                text, lp = completion_choice(out, c, ctx.echo[p] if ctx.echo else None, ctx.score_only,
+                                             ctx.state.engine.tokenizer.decode)
+                choices.append({"index": idx, "text": text, "logprobs": lp, "finish_reason": _finish(c.finish_reason)})
     choices.sort(key=lambda c: c["index"])
     return {
         "id": ctx.rid, "object": "chat.completion" if ctx.chat else "text_completion", "created": ctx.created,
@@ -398,15 +432,12 @@ async def _sse_body(ctx: _Ctx, stream):
     sent_text: dict[int, int] = {}
     sent_tok: dict[int, int] = {}
     done_choices: set[int] = set()
+    echoed: set[int] = set()
     mk = chat_chunk if ctx.chat else completion_chunk
     try:
         if ctx.chat:
             for i in range(ctx.n * ctx.num_prompts):
                 yield sse(chat_chunk(ctx, i, {"role": "assistant", "content": ""}, None, None))
-        elif ctx.echo:
-            for p in range(ctx.num_prompts):
-                for j in range(ctx.n):
-                    yield sse(completion_chunk(ctx, p * ctx.n + j, ctx.echo[p], None, None))
         async with asyncio.timeout(max(0.0, ctx.deadline - time.monotonic())):
             async for p, out in stream:
                 ctx.record(p, out)
@@ -416,20 +447,25 @@ async def _sse_body(ctx: _Ctx, stream):
                         ctx.status, ctx.outcome = err.status, err.code
                         yield error_event(err)
                         break
+                if ctx.echo and p not in echoed:  # each prompt's first chunk: the prompt and its logprobs
+                    echoed.add(p)
+                    prompt_lp = echo_logprobs(out, ctx.state.engine.tokenizer.decode)
+                    for j in range(ctx.n):
+                        yield sse(completion_chunk(ctx, p * ctx.n + j, ctx.echo[p], prompt_lp, None))
                 for c in out.outputs:
                     idx = p * ctx.n + c.index
                     if idx in done_choices:
                         continue
-                    text = c.text[sent_text.get(idx, 0):]
+                    text = "" if ctx.score_only else c.text[sent_text.get(idx, 0):]
                     new_lp = None
-                    if c.logprobs is not None:
+                    if c.logprobs is not None and not ctx.score_only:
                         start = sent_tok.get(idx, 0)
                         entries = c.logprobs[start:]
                         if entries:
                             if ctx.chat:
                                 new_lp = {"content": chat_logprobs(entries, ctx.params.logprobs or 0)}
                             else:
-                                new_lp = completion_logprobs(entries, sent_text.get(idx, 0))
+                                new_lp = completion_logprobs(entries, len(ctx.echo[p] if ctx.echo else "") + sent_text.get(idx, 0))
                         sent_tok[idx] = len(c.logprobs)
                     reason = _finish(c.finish_reason) if c.finish_reason else None
                     if not text and reason is None and new_lp is None:
@@ -461,179 +497,12 @@ async def _sse_body(ctx: _Ctx, stream):
     yield b"data: [DONE]\n\n"
 
 
-# --- kiln serve -------------------------------------------------------------------------------------
-class _KeyValueFormatter(logging.Formatter):
-    def format(self, record):
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
-        if record.exc_info:
-            line += " exc=" + json.dumps(self.formatException(record.exc_info))
-        return line
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    root = logging.getLogger("kiln")
-    if not any(getattr(h, "_kiln", False) for h in root.handlers):
-        h = logging.StreamHandler()
-        h.setFormatter(_KeyValueFormatter())
-        h._kiln = True
-        root.addHandler(h)
-    root.setLevel(level)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or stop the other server") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def make_server(app, host: str, port: int, grace_period: float):
-    """A uvicorn server whose SIGTERM/SIGINT drains ``app`` before exiting."""
-    import uvicorn
-
-    loop = "auto"
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:
-        pass
-    config = uvicorn.Config(app, host=host, port=port, loop=loop, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="off")
-    return DrainingServer(config, app.state.kiln, grace_period)
-
-
-try:
-    import uvicorn as _uvicorn
-
-    _ServerBase = _uvicorn.Server
-except ImportError:  # pragma: no cover
-    _ServerBase = object
-
-
-class DrainingServer(_ServerBase):
-    def __init__(self, config, state: ServerState, grace_period: float):
-        super().__init__(config)
-        self.kiln_state = state
-        self.grace_period = grace_period
-        self._drain_task = None
-        self._loop = None
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, h in old.items():
-                signal.signal(sig, h)
-
-    async def startup(self, sockets=None):
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets=sockets)
-
-    def handle_exit(self, sig, frame) -> None:
-        if self.kiln_state.draining or self._loop is None:
-            self.should_exit = True
-            if self.kiln_state.draining:
-                self.force_exit = True
-            return
-        self.begin_drain()
-
-    def begin_drain(self) -> None:
-        self.kiln_state.draining = True
-        log.info("event=drain_start grace_period_s=%g in_flight=%d", self.grace_period, len(self.kiln_state.active))
-        self._loop.call_soon_threadsafe(lambda: setattr(self, "_drain_task", self._loop.create_task(self._drain())))
-
-    async def _drain(self) -> None:
-        st = self.kiln_state
-        end = time.monotonic() + self.grace_period
-        while st.active and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-        if st.active:
-            n = st.abort_all()
-            log.info("event=drain_abort aborted=%d", n)
-            stop = time.monotonic() + 2.0
-            while st.active and time.monotonic() < stop:
-                await asyncio.sleep(0.05)
-        log.info("event=drain_done")
-        self.should_exit = True
-
-
+# --- kiln serve: the processes live in api_server.py and supervisor.py ---------------------------------
 def serve(args) -> int:
-    """``kiln serve``: binds the port, loads the engine (``/health`` is 503 meanwhile), serves until SIGTERM."""
-    from kiln.runtime.async_engine import AsyncEngine
-    from kiln.runtime.engine import LLMEngine
+    """``kiln serve``: see ``kiln.launch.supervisor.serve``."""
+    from kiln.launch.supervisor import serve as run
 
-    if not os.path.isdir(args.engine):
-        raise FileNotFoundError(f"engine directory '{args.engine}' does not exist: build one with 'kiln build'")
-    configure_logging()
-    name = getattr(args, "served_model_name", None) or os.path.basename(os.path.normpath(args.engine))
-    aliases = [os.path.basename(os.path.normpath(args.engine)), args.engine]
-    app = build_app(None, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                    request_timeout=args.request_timeout, aliases=aliases)
-    topology = None
-    if getattr(args, "launcher", "local") == "ray":
-        # Ray starts here, in the main thread, before the server installs its signal handlers: Ray's
-        # driver installs a crash handler for SIGTERM that would otherwise abort the process a few
-        # seconds into the drain, before the cluster it started is stopped.
-        from kiln.launch.ray_launcher import connect_ray
-        from kiln.launch.topology import resolve_topology
-        from kiln.runtime.builder import read_engine_config
-
-        cfg = read_engine_config(args.engine)
-        topology = resolve_topology(getattr(args, "topology_spec", None) or args.topology, cfg.build, cfg.device_class)
-        connect_ray(topology)
-    sock = _bind(args.host, args.port)
-    server = make_server(app, args.host, args.port, args.grace_period)
-    failure: list[BaseException] = []
-    holder: list = []
-
-    def load():
-        try:
-            if getattr(args, "launcher", "local") == "ray":
-                from kiln.launch.ray_launcher import cluster_async_engine, make_ray_engine
-
-                engine = make_ray_engine(args.engine, topology, device=args.device, num_kv_blocks=args.num_kv_blocks)
-                ae = cluster_async_engine(engine, max_waiting=args.max_queue)
-            else:
-                engine = LLMEngine(args.engine, device=args.device, num_kv_blocks=args.num_kv_blocks)
-                ae = AsyncEngine(engine, max_waiting=args.max_queue)
-            holder.append(ae)
-            app.state.kiln.attach(ae)
-            log.info("event=ready model=%s host=%s port=%d", name, args.host, args.port)
-        except BaseException as e:
-            failure.append(e)
-            server.should_exit = True
-
-    loader = threading.Thread(target=load, name="kiln-load", daemon=True)
-    loader.start()
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
-        loader.join(timeout=0 if app.state.kiln.draining or server.force_exit else None)
-        for ae in holder:
-            ae.shutdown(timeout=5.0)
-            if getattr(args, "launcher", "local") == "ray":
-                from kiln.launch.ray_launcher import shutdown_ray
-
-                ae.engine.shutdown()
-                shutdown_ray()
-                log.info("event=cluster_stopped")
-    if failure:
-        raise failure[0]
-    return 0
+    return run(args)
 
 
 __all__ = ["build_app", "serve", "make_server", "DrainingServer", "ServerState", "configure_logging"]

@@ -55,19 +55,85 @@ def _vocab_rows(t: torch.Tensor, cfg: ModelConfig, m: Mapping) -> torch.Tensor:
     return part
 
 
-def _qkv(fetch: Fetch, prefix: str, suffix: str, cfg: ModelConfig, m: Mapping) -> torch.Tensor:
+_PROJ = re.compile(r"^(self_attn\.qkv_proj|self_attn\.o_proj|mlp\.gate_up_proj|mlp\.down_proj)\.(\w+)$")
+_PACKED_K = {"qweight": 2}  # input columns per stored column: two int4 values a byte
+_GROUPED_K = ("scales", "qzeros")
+_PER_INPUT = ("input_scale", "input_perm")
+
+
+def _fused_rows(parts: list[torch.Tensor], part: str) -> torch.Tensor:
+    """Column-parallel pieces (q/k/v, gate/up) side by side: rows are concatenated, a static
+    activation scale is the largest of the pieces' (one input feeds them all), and an input
+    permutation is shared (it must be the same for all)."""
+    if part == "input_scale":
+        return torch.stack(parts).amax(dim=0)
+    if part == "input_perm":
+        if any(not torch.equal(p, parts[0]) for p in parts[1:]):
+            raise ValueError("fused projections have different input permutations (act-order g_idx): not supported")
+        return parts[0]
+    return torch.cat(parts)
+
+
+def _row_part(t: torch.Tensor, part: str, start: int, count: int) -> torch.Tensor:
+    """Rows [start, start + count) of an output-channel-indexed tensor; per-input tensors whole."""
+    return t if part in _PER_INPUT else _rows(t, start, count)
+
+
+def _k_part(t: torch.Tensor, part: str, start: int, count: int, k: int) -> torch.Tensor:
+    """The input columns [start, start + count) of a row-parallel projection's tensor ``part``
+    whose full input width is ``k``: packed and grouped tensors are cut in whole bytes and
+    groups; per-output-channel scales and per-tensor input scales are replicated."""
+    if part in ("weight_scale", "input_scale", "bias"):
+        return t
+    if part == "input_perm":
+        if start or count != k:
+            raise ValueError("an input permutation (act-order g_idx) cannot be split across tensor-parallel ranks")
+        return t
+    if part in _PACKED_K:
+        per = _PACKED_K[part]
+        return _cols(t, start // per, count // per)
+    if part in _GROUPED_K:
+        g = k // t.shape[-1]
+        if start % g or count % g:
+            raise ValueError(f"the input width {count} per rank is not a whole number of quantization groups of {g}")
+        return _cols(t, start // g, count // g)
+    return _cols(t, start, count)
+
+
+def _qkv(fetch: Fetch, prefix: str, part: str, cfg: ModelConfig, m: Mapping) -> torch.Tensor:
     d = cfg.head_dim
     h0, nh = m.heads(cfg.num_attention_heads)
     k0, nk = m.kv_heads(cfg.num_key_value_heads)
-    q = _rows(fetch(f"{prefix}.q_proj.{suffix}"), h0 * d, nh * d)
-    k = _rows(fetch(f"{prefix}.k_proj.{suffix}"), k0 * d, nk * d)
-    v = _rows(fetch(f"{prefix}.v_proj.{suffix}"), k0 * d, nk * d)
-    return torch.cat([q, k, v])
+    q = _row_part(fetch(f"{prefix}.q_proj.{part}"), part, h0 * d, nh * d)
+    k = _row_part(fetch(f"{prefix}.k_proj.{part}"), part, k0 * d, nk * d)
+    v = _row_part(fetch(f"{prefix}.v_proj.{part}"), part, k0 * d, nk * d)
+    return _fused_rows([q, k, v], part)
 
 
-def _gate_up(gate: torch.Tensor, up: torch.Tensor, parts: int, index: int) -> torch.Tensor:
+def _gate_up(gate: torch.Tensor, up: torch.Tensor, parts: int, index: int, part: str = "weight") -> torch.Tensor:
+    if part in _PER_INPUT:
+        return _fused_rows([gate, up], part)
     n = gate.shape[0] // parts
     return torch.cat([_rows(gate, index * n, n), _rows(up, index * n, n)])
+
+
+def _projection(rest: str, prefix: str, fetch: Fetch, cfg: ModelConfig, m: Mapping) -> torch.Tensor | None:
+    """A dense layer's projection tensor (16-bit or any quantized part), or None for other names."""
+    mt = _PROJ.match(rest)
+    if mt is None:
+        return None
+    proj, part = mt.groups()
+    if proj == "self_attn.qkv_proj":
+        return _qkv(fetch, f"{prefix}.self_attn", part, cfg, m)
+    if proj == "mlp.gate_up_proj":
+        gate, up = fetch(f"{prefix}.mlp.gate_proj.{part}"), fetch(f"{prefix}.mlp.up_proj.{part}")
+        return _gate_up(gate, up, m.tp, m.tp_rank, part)
+    if proj == "self_attn.o_proj":
+        h0, nh = m.heads(cfg.num_attention_heads)
+        d = cfg.head_dim
+        return _k_part(fetch(f"{prefix}.{rest}"), part, h0 * d, nh * d, cfg.num_attention_heads * d)
+    n = cfg.intermediate_size // m.tp
+    return _k_part(fetch(f"{prefix}.{rest}"), part, m.tp_rank * n, n, cfg.intermediate_size)
 
 
 def rank_slice(name: str, fetch: Fetch, cfg: ModelConfig, m: Mapping) -> torch.Tensor:
@@ -81,17 +147,9 @@ def rank_slice(name: str, fetch: Fetch, cfg: ModelConfig, m: Mapping) -> torch.T
     if mt is None:
         raise KeyError(f"no partition rule for tensor '{name}'")
     prefix, rest = f"model.layers.{mt.group(1)}", mt.group(2)
-    if rest in ("self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias"):
-        return _qkv(fetch, f"{prefix}.self_attn", rest.rsplit(".", 1)[1], cfg, m)
-    if rest == "self_attn.o_proj.weight":
-        h0, nh = m.heads(cfg.num_attention_heads)
-        return _cols(fetch(f"{prefix}.{rest}"), h0 * cfg.head_dim, nh * cfg.head_dim)
-    if rest == "mlp.gate_up_proj.weight":
-        gate, up = fetch(f"{prefix}.mlp.gate_proj.weight"), fetch(f"{prefix}.mlp.up_proj.weight")
-        return _gate_up(gate, up, m.tp, m.tp_rank)
-    if rest == "mlp.down_proj.weight":
-        n = cfg.intermediate_size // m.tp
-        return _cols(fetch(f"{prefix}.{rest}"), m.tp_rank * n, n)
+    proj = _projection(rest, prefix, fetch, cfg, m)
+    if proj is not None:
+        return proj
     if rest == "mlp.experts.w13":
         e0, ne = m.experts(cfg.num_experts)
         return torch.stack(

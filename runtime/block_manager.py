@@ -96,10 +96,11 @@ class BlockManager:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _lookup(self, token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    def _lookup(self, token_ids: Sequence[int], max_hit_tokens: Optional[int] = None) -> tuple[list[int], list[int]]:
         """Chain hashes of every full block, and the ids of the leading blocks found cached.
 
-        Lookup stops before the block holding the last token, so at least one token is computed.
+        Lookup stops before the block holding the last token, so at least one token is computed,
+        and takes no more than ``max_hit_tokens`` tokens from the cache when that is given.
         """
         bs = self.block_size
         hashes: list[int] = []
@@ -112,6 +113,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return hashes, hits
         max_hits = max(0, (len(token_ids) - 1) // bs)
+        if max_hit_tokens is not None:
+            max_hits = min(max_hits, max(0, max_hit_tokens) // bs)
         prev_serial: Optional[int] = None
         for i in range(max_hits):
             b = self._hash_map.get(hashes[i])
@@ -125,8 +128,8 @@ class BlockManager:
             prev_serial = self._serial[b]
         return hashes, hits
 
-    def can_allocate(self, token_ids: list[int]) -> bool:
-        _, hits = self._lookup(token_ids)
+    def can_allocate(self, token_ids: list[int], max_hit_tokens: Optional[int] = None) -> bool:
+        _, hits = self._lookup(token_ids, max_hit_tokens)
         need = self._blocks_for(len(token_ids)) - len(hits)
         revived = sum(1 for b in hits if self._ref[b] == 0)
         return self.num_free_blocks - revived >= need
@@ -207,11 +210,13 @@ class BlockManager:
         self._hash_map[h] = b
 
     # ------------------------------------------------------------------ mutations
-    def allocate(self, seq_id, token_ids: list[int]) -> int:
+    def allocate(self, seq_id, token_ids: list[int], max_hit_tokens: Optional[int] = None) -> int:
+        """Blocks for a new sequence, reusing cached leading blocks (at most ``max_hit_tokens``
+        tokens of them when given); returns how many tokens came from the cache."""
         if seq_id in self._seqs:
             raise BlockManagerError(f"sequence {seq_id!r} already allocated")
         token_ids = list(token_ids)
-        hashes, hits = self._lookup(token_ids)
+        hashes, hits = self._lookup(token_ids, max_hit_tokens)
         total = self._blocks_for(len(token_ids))
         revived = sum(1 for b in hits if self._ref[b] == 0)
         if self.num_free_blocks - revived < total - len(hits):

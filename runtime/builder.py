@@ -26,8 +26,9 @@ import kiln
 from kiln.parallel.mapping import Mapping
 from kiln.parallel.partition import ReadOnce, rank_slice
 from kiln.runtime.checkpoint import CheckpointReader, RandomReader, open_checkpoint
-from kiln.runtime.config import BuildConfig, EngineConfig, ModelConfig
+from kiln.runtime.config import BuildConfig, EngineConfig, LinearQuant, ModelConfig, QuantizationInfo
 from kiln.runtime.model import DecoderModel
+from kiln.runtime.quantize import QuantizationError, linear_quant_for, prepare_source
 from kiln.runtime.safetensors_stream import StreamingSafetensorsWriter, sha256_file
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,9 +38,10 @@ class BuildError(ValueError):
     """A build that cannot proceed; the message is one line naming the problem and the fix."""
 
 
-def rank_layout(cfg: ModelConfig, mapping: Mapping, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def rank_layout(cfg: ModelConfig, mapping: Mapping, dtype: torch.dtype, quant: LinearQuant | None = None
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of one rank's engine tensors, in file order (no memory is used)."""
-    meta_model = DecoderModel(cfg, mapping, dtype=dtype, device="meta")
+    meta_model = DecoderModel(cfg, mapping, dtype=dtype, device="meta", quant=quant)
     return {n: (tuple(p.shape), p.dtype) for n, p in meta_model.named_parameters()}
 
 
@@ -48,7 +50,12 @@ def default_output_dir(model_name: str, build: BuildConfig) -> str:
     for ext in (".gguf", ".json"):
         if base.endswith(ext):
             base = base[: -len(ext)]
-    name = f"{base}-{build.dtype}-tp{build.tp}"
+    name = f"{base}-{build.dtype}"
+    if build.quant != "none":
+        name += f"-{build.quant}"
+    if build.kv_cache_dtype == "fp8":
+        name += "-kvfp8"
+    name += f"-tp{build.tp}"
     if build.pp > 1:
         name += f"-pp{build.pp}"
     if build.ep > 1:
@@ -56,17 +63,30 @@ def default_output_dir(model_name: str, build: BuildConfig) -> str:
     return os.path.join("engines", name)
 
 
-def _check_fits(cfg: ModelConfig, build: BuildConfig) -> None:
+def _check_fits(cfg: ModelConfig, build: BuildConfig, quant: LinearQuant) -> None:
     try:
         for r in range(build.world_size):
             m = Mapping(tp=build.tp, pp=build.pp, ep=build.ep, rank=r)
-            DecoderModel(cfg, m, device="meta")
+            DecoderModel(cfg, m, device="meta", quant=quant)
     except ValueError as e:
-        raise BuildError(f"the model cannot be split as tp={build.tp} pp={build.pp} ep={build.ep}: {e}") from None
-    if build.quant != "none":
-        raise BuildError(f"--quant {build.quant} is not available in this version: build with --quant none")
-    if build.kv_cache_dtype != "auto":
-        raise BuildError(f"--kv-cache-dtype {build.kv_cache_dtype} is not available in this version: use auto")
+        raise BuildError(f"the model cannot be split as tp={build.tp} pp={build.pp} ep={build.ep}"
+                         f"{' with ' + quant.method + ' weights' if quant.method != 'none' else ''}: {e}") from None
+    if quant.input_perm and build.tp > 1:
+        raise BuildError("an act-order (desc_act) GPTQ checkpoint's input permutation cannot be split across tensor-parallel "
+                         "ranks: build it with --tp 1, or use a checkpoint quantized without desc_act")
+
+
+def check_fp8_device(quant: LinearQuant, device_class: str, error=None) -> None:
+    """FP8 weights or KV cache need an sm_89+ GPU (Ada, Hopper, Blackwell) when they run on CUDA."""
+    if device_class != "cuda" or not (quant.method == "fp8" or quant.kv_fp8) or not torch.cuda.is_available():
+        return
+    cap = torch.cuda.get_device_capability()
+    if cap < (8, 9):
+        what = "FP8 weights" if quant.method == "fp8" else "an FP8 KV cache"
+        raise (error or BuildError)(
+            f"{what} need a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+            f"{torch.cuda.get_device_name()} is {cap[0]}.{cap[1]}: build with --quant int8-weight or int4-awq, "
+            "and --kv-cache-dtype auto")
 
 
 def build_engine(
@@ -81,6 +101,7 @@ def build_engine(
     reader: CheckpointReader | None = None,
     ranks: list[int] | None = None,
     weights_at_load: bool = False,
+    calibration_text: str | None = None,
 ) -> str:
     """Builds an engine directory (or, with ``ranks``, those ranks' part of it) and returns its path."""
     t0 = time.time()
@@ -97,7 +118,13 @@ def build_engine(
         raise BuildError("--weights-at-load needs --random-weights: only random weights can be drawn at load")
     if build.max_seq_len > cfg.max_position_embeddings:
         build = build.model_copy(update={"max_seq_len": cfg.max_position_embeddings})
-    _check_fits(cfg, build)
+    try:
+        lq = linear_quant_for(build, reader.quant)
+    except QuantizationError as e:
+        raise BuildError(str(e)) from None
+    _check_fits(cfg, build, lq)
+    target = device_class or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_fp8_device(lq, target)
     out = output or default_output_dir(model, build)
     world = build.world_size
     todo = list(range(world)) if ranks is None else sorted(set(int(r) for r in ranks))
@@ -120,7 +147,7 @@ def build_engine(
     dtype = TORCH_DTYPES[build.dtype]
     rank_files = [f"rank{r}.safetensors" for r in range(world)]
     mappings = [Mapping(tp=build.tp, pp=build.pp, ep=build.ep, rank=r) for r in todo]
-    layouts = [rank_layout(cfg, m, dtype) for m in mappings]
+    layouts = [rank_layout(cfg, m, dtype, lq) for m in mappings]
     if weights_at_load:  # engine.json and the tokenizer only; each rank draws its weights at load
         todo, mappings, layouts = [], [], []
     writers = [
@@ -139,13 +166,26 @@ def build_engine(
     for lay in layouts:
         order.extend(n for n in lay if n not in order)
 
-    fetch = ReadOnce(reader.get)
+    try:  # the tokenizer first: calibration reads it
+        tok_info = reader.save_tokenizer(os.path.join(out, "tokenizer"))
+        calib_device = "cuda" if target == "cuda" and torch.cuda.is_available() else "cpu"
+        source, quant_info = prepare_source(
+            reader, build, lq, tokenizer_dir=os.path.join(out, "tokenizer"), device=calib_device, dtype=dtype,
+            weights_at_load=weights_at_load, progress=progress, calibration_text=calibration_text,
+            random_weights=isinstance(reader, RandomReader))
+    except QuantizationError as e:
+        discard()
+        raise BuildError(str(e)) from None
+    except BaseException:
+        discard()
+        raise
+    fetch = ReadOnce(source)
     bar = tqdm(order, desc=f"build {os.path.basename(out)}", unit="tensor", disable=not progress)
     try:
         for name in bar:
             for m, lay, w in zip(mappings, layouts, writers):
                 if name in lay:
-                    w.write(name, rank_slice(name, fetch, cfg, m).to(dtype))
+                    w.write(name, rank_slice(name, fetch, cfg, m).to(lay[name][1]))
             fetch.clear()
         digests = {f: c for f, c in (merge_from.files.items() if merge_from else ()) if f.startswith("rank")}
         digests.update({rank_files[r]: w.close() for r, w in zip(todo, writers)})
@@ -154,19 +194,12 @@ def build_engine(
         raise
     finally:
         bar.close()
-
-    try:
-        tok_info = reader.save_tokenizer(os.path.join(out, "tokenizer"))
-    except BaseException:
-        discard()
-        raise
     for root, _, files in os.walk(os.path.join(out, "tokenizer")):
         for f in sorted(files):
             p = os.path.join(root, f)
             digests[os.path.relpath(p, out)] = sha256_file(p)
     if not cfg.eos_token_id and tok_info.eos_token_ids:
         cfg = cfg.model_copy(update={"eos_token_id": list(tok_info.eos_token_ids)})
-    target = device_class or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = EngineConfig(
         kiln_version=kiln.__version__,
         model_name=os.path.basename(os.path.normpath(model)),
@@ -179,6 +212,7 @@ def build_engine(
         files=digests,
         source=reader.source,
         random_weights_seed=seed if weights_at_load else None,
+        quantization=quant_info,
     )
     with open(os.path.join(out, "engine.json"), "w") as f:
         f.write(engine.model_dump_json(indent=2))

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from pydantic import ValidationError
 
 from .config import ModelConfig, RopeScaling, TokenizerInfo
 from .presets import PRESETS, UnknownPresetError, resolve_preset
+
+if TYPE_CHECKING:
+    from .quant_checkpoint import CheckpointQuant
 
 BUILTIN_NAME = "smollm2-135m-instruct"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,6 +94,8 @@ class CheckpointReader(abc.ABC):
 
     config: ModelConfig
     source: str
+    quant: CheckpointQuant | None = None
+    """How the checkpoint's linears are quantized (``kiln.runtime.quant_checkpoint``); None when they are not."""
 
     _names: list[str]
     _shapes: dict[str, tuple[int, ...]]
@@ -107,6 +113,14 @@ class CheckpointReader(abc.ABC):
     @abc.abstractmethod
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor."""
+
+    def is_quantized(self, prefix: str) -> bool:
+        """Whether the module ``prefix`` (e.g. ``model.layers.0.self_attn.q_proj``) is stored quantized."""
+        return False
+
+    def get_quantized(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The quantized module's tensors in kiln's canonical layout (docs/quantization.md)."""
+        raise CheckpointError(f"module {prefix!r} is not stored quantized in {self.source!r}; read {prefix}.weight")
 
     @abc.abstractmethod
     def save_tokenizer(self, out_dir: str) -> TokenizerInfo:
@@ -219,15 +233,21 @@ def _gguf_tokenizer(path: str, mtime: float):
     return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
-_MIXTRAL = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.(gate|experts\.(\d+)\.(w[123]))\.weight$")
+_MIXTRAL = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.(gate|experts\.(\d+)\.(w[123]))\.(\w+)$")
 _W = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
 
 class HFReader(CheckpointReader):
-    """A Hugging Face folder: config.json plus one or many .safetensors files."""
+    """A Hugging Face folder: config.json plus one or many .safetensors files.
+
+    Quantized checkpoints (``kiln.runtime.quant_checkpoint``) list their quantized linears as
+    ``X.weight``: ``get`` dequantizes them to float32 and ``get_quantized`` gives their tensors.
+    """
 
     def __init__(self, folder: str):
         from safetensors import safe_open
+
+        from . import quant_checkpoint as qc
 
         self.folder = folder
         self.source = folder
@@ -238,6 +258,7 @@ class HFReader(CheckpointReader):
         if not self.hf_config:
             raise CheckpointError(f"{cfg_path!r} is not valid JSON: re-download the model")
         self.config = model_config_from_hf(self.hf_config)
+        self.quant = qc.read_quant_config(folder, self.hf_config)
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.isfile(index):
             files = sorted(set(_json(index).get("weight_map", {}).values()))
@@ -260,13 +281,34 @@ class HFReader(CheckpointReader):
                     m = _MIXTRAL.match(stored)
                     name = stored
                     if m:
-                        layer, _, e, w = m.groups()
-                        name = f"{layer}mlp.gate.weight" if e is None else f"{layer}mlp.experts.{e}.{_W[w]}.weight"
+                        layer, _, e, w, part = m.groups()
+                        name = f"{layer}mlp.gate.{part}" if e is None else f"{layer}mlp.experts.{e}.{_W[w]}.{part}"
                     self._where[name] = (path, stored)
                     self._shapes[name] = tuple(f.get_slice(stored).get_shape())
+        self._quantized = None if self.quant is None else qc.QuantModules(self.quant, self._shapes, folder)
+        if self._quantized is None:
+            qc.check_unquantized(self._shapes, folder)
+        else:  # stored parts of quantized modules are listed as their unquantized weight
+            stored_parts = self._quantized.stored_names()
+            self._shapes = {n: s for n, s in self._shapes.items() if n not in stored_parts}
+            self._shapes.update({f"{p}.weight": s for p, s in self._quantized.shapes.items()})
         self._names = _check_complete(folder, self.config, self._shapes)
 
     def get(self, name: str) -> torch.Tensor:
+        prefix = name[: -len(".weight")]
+        if self._quantized is not None and name.endswith(".weight") and prefix in self._quantized:
+            return self._quantized.dequantize(prefix, self._stored)
+        return self._stored(name)
+
+    def is_quantized(self, prefix: str) -> bool:
+        return self._quantized is not None and prefix in self._quantized
+
+    def get_quantized(self, prefix: str) -> dict[str, torch.Tensor]:
+        if not self.is_quantized(prefix):
+            return super().get_quantized(prefix)
+        return self._quantized.canonical(prefix, self._stored)
+
+    def _stored(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
         if name not in self._where:

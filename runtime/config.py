@@ -94,7 +94,12 @@ class BuildConfig(BaseModel):
 
     dtype: Dtype = "bfloat16"
     quant: Quant = "none"
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="fp8: the KV cache in E4M3 with per-layer scales")
+    activation_scales: Literal["dynamic", "static"] = Field(
+        "dynamic", description="fp8 activations: per token at run time, or per tensor from calibration")
+    group_size: int = Field(128, ge=16, le=8192, description="int4 weights: columns sharing one scale and zero point")
+    int4_search: Literal["awq", "rtn"] = Field(
+        "awq", description="int4 weights: AWQ's activation-aware scale search, or plain round-to-nearest")
     tp: int = Field(1, ge=1, le=1024)
     pp: int = Field(1, ge=1, le=1024)
     ep: int = Field(1, ge=1, le=1024)
@@ -111,11 +116,47 @@ class BuildConfig(BaseModel):
             raise ValueError("ep must not exceed tp (experts are split inside a tensor-parallel group)")
         if self.tp % self.ep:
             raise ValueError("tp must be a multiple of ep")
+        if self.activation_scales == "static" and self.quant != "fp8":
+            raise ValueError("activation_scales 'static' applies to --quant fp8 only")
+        if self.group_size != 128 and self.quant != "int4-awq":
+            raise ValueError("group_size applies to --quant int4-awq only")
+        if self.int4_search != "awq" and self.quant != "int4-awq":
+            raise ValueError("int4_search applies to --quant int4-awq only")
+        if self.group_size & (self.group_size - 1):
+            raise ValueError("group_size must be a power of two")
         return self
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp
+
+
+LinearMethod = Literal["none", "fp8", "int8-weight", "int4"]
+
+
+class LinearQuant(BaseModel):
+    """The tensor layout of the model's projections (docs/quantization.md) and what their
+    forward needs: one value for every projection of the engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: LinearMethod = "none"
+    static_activations: bool = Field(False, description="fp8: a calibrated input_scale per projection")
+    group_size: int = Field(128, ge=16, le=8192, description="int4: columns per scale and zero point")
+    input_perm: bool = Field(False, description="int4: inputs permuted first (GPTQ act-order checkpoints)")
+    kv_fp8: bool = Field(False, description="KV cache in E4M3 with k_scale / v_scale per layer")
+
+
+class QuantizationInfo(BaseModel):
+    """engine.json's record of how the engine was quantized."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    linear: LinearQuant
+    source: str = Field(description="'build' (quantized by kiln build) or 'checkpoint:<format>'")
+    search: Literal["none", "awq", "rtn"] = Field(
+        "none", description="int4 built here: the AWQ scale search, or plain round-to-nearest (random weights)")
+    weight_scales: str = Field(description="layout of the weight scales")
+    kv_scales: str | None = Field(None, description="how the FP8 KV cache scales were chosen")
+    calibration: dict | None = Field(None, description="calibration text, sequences, tokens and seconds")
 
 
 class TokenizerInfo(BaseModel):
@@ -147,3 +188,8 @@ class EngineConfig(BaseModel):
     source: str = Field("", description="what the engine was built from")
     random_weights_seed: int | None = Field(
         None, description="set when no weight files were written: each rank draws its weights at load from this seed")
+    quantization: QuantizationInfo | None = Field(None, description="set for engines with quantized linears or KV cache")
+
+    @property
+    def linear_quant(self) -> LinearQuant:
+        return self.quantization.linear if self.quantization is not None else LinearQuant()

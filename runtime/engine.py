@@ -15,9 +15,15 @@ from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop, stop_hol
 from kiln.runtime.loader import LoadedEngine, load_engine
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from kiln.runtime.plan import CachedSeq, StepResult
+from kiln.runtime.prompt_logprobs import add_prompt_logprobs
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Request, Sequence, SeqStatus
+
+
+def _no_text(token_ids) -> None:
+    """A logprob's decoded token when the caller decodes them itself."""
+    return None
 
 
 class RequestError(ValueError):
@@ -81,6 +87,9 @@ class LLMEngine:
         # callers (LLM.generate) set this False and get finished requests only, and the text is
         # decoded once at the end instead of token by token.
         self.stream_outputs = True
+        # False: output text and logprob tokens are left to the caller (the API server processes
+        # detokenize), except for requests with stop strings, which are matched on text here.
+        self.detokenize = True
 
     # --- requests ------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -113,6 +122,8 @@ class LLMEngine:
                 code="context_length_exceeded", param="max_tokens",
             )
         req = Request(request_id, text, ids, params, priority=priority)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]  # the first prompt token has no log-probability
         seq = self._new_seq(req, 0)
         req.seqs.append(seq)
         self.requests[request_id] = req
@@ -260,6 +271,10 @@ class LLMEngine:
             req.forked = True
 
     def _process(self, result: StepResult) -> None:
+        for pl in result.prompt_logprobs:  # before the tokens: a request may finish on this step's token
+            seq = self._seqs_by_id.get(pl.seq_id)
+            if seq is not None and seq.request.prompt_logprobs is not None:
+                add_prompt_logprobs(seq.request.prompt_logprobs, pl, self._decode_each)
         now = time.monotonic()
         for st in result.sampled:
             seq = self._seqs_by_id.get(st.seq_id)
@@ -289,13 +304,15 @@ class LLMEngine:
         if st.logprob is not None:
             seq.cumulative_logprob += st.logprob
         if seq.logprobs is not None:
-            entry = {tok: Logprob(st.logprob, st.rank, self.tokenizer.decode([tok]))}
+            dec = self.tokenizer.decode if self.detokenize else _no_text
+            entry = {tok: Logprob(st.logprob, st.rank, dec([tok]))}
             for t, lp in (st.top_logprobs or {}).items():
                 if t != tok:
-                    entry[t] = Logprob(lp, None, self.tokenizer.decode([t]))
+                    entry[t] = Logprob(lp, None, dec([t]))
             seq.logprobs.append(entry)
         new_start = len(seq.text)
-        if self.stream_outputs or p.stop:
+        text_here = (self.stream_outputs and self.detokenize) or bool(p.stop)
+        if text_here:
             seq.text += seq.detok.add(tok)
         n_out = seq.num_output - seq.num_pending
         reason, stop = None, None
@@ -322,13 +339,17 @@ class LLMEngine:
         if reason is not None:
             self._drop_pending(seq)
             if not isinstance(stop, str):
-                if self.stream_outputs or p.stop:
+                if text_here:
                     seq.text += seq.detok.flush()
-                else:  # nothing was streamed: decode the whole output once
+                elif self.detokenize:  # nothing was streamed: decode the whole output once
                     seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=p.skip_special_tokens,
                                                      clean_up_tokenization_spaces=False)
             seq.finish_reason, seq.stop_reason = reason, stop
             self.scheduler.finish(seq)
+
+    def _decode_each(self, token_ids: list[int]) -> list[str]:
+        """Each token's text on its own (the ``decoded_token`` of a logprob)."""
+        return self.tokenizer.batch_decode([[t] for t in token_ids])
 
     def _finish_request(self, req: Request) -> None:
         for s in req.seqs:
@@ -369,6 +390,7 @@ class LLMEngine:
             error=req.error,
             num_cached_tokens=req.num_cached_tokens,
             metrics=metrics,
+            prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
         )
 
     def shutdown(self) -> None:

@@ -10,27 +10,49 @@ from kiln.runtime.transfer import h2d
 
 
 class KVCache:
+    """Per layer a (keys, values) pair of ``[num_blocks, block_size, kv_heads, head_dim]`` tensors
+    in ``dtype``: the engine dtype, or float8_e4m3fn for an FP8 cache (one byte per element, so
+    the same memory holds twice the tokens of a 16-bit one; its per-layer scales belong to the
+    model, not to the cache)."""
+
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device):
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.dtype = dtype
         self.device = torch.device(device)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.layers = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)
-        ]
+        self.layers = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(num_layers)]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: block ``dst`` becomes a copy of block ``src`` in every layer."""
         src = h2d([p[0] for p in pairs], torch.long, self.device)
         dst = h2d([p[1] for p in pairs], torch.long, self.device)
         for k, v in self.layers:
+            k, v = _raw(k), _raw(v)
             k.index_copy_(0, dst, k.index_select(0, src))
             v.index_copy_(0, dst, v.index_select(0, src))
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        """Keys and values of one block in every layer, at ``dtype``'s element size (1 for float8)."""
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+
+def _is_float8(dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def _zeros(shape, dtype, device) -> torch.Tensor:
+    """A zeroed cache tensor; a float8 one is allocated as bytes (all-zero bytes are +0.0)."""
+    if _is_float8(dtype):
+        return torch.zeros(shape, dtype=torch.uint8, device=device).view(dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _raw(cache: torch.Tensor) -> torch.Tensor:
+    """The tensor that block copies go through: a float8 cache's bytes (``index_copy_`` has no
+    float8 kernel on the CPU), any other cache itself."""
+    return cache.view(torch.uint8) if _is_float8(cache.dtype) else cache
 
 
 def gpu_memory_utilization() -> float:

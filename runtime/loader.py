@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from kiln.parallel.mapping import Mapping
-from kiln.runtime.builder import TORCH_DTYPES, BuildError, read_engine_config
+from kiln.runtime.builder import TORCH_DTYPES, BuildError, check_fp8_device, read_engine_config
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.kv_cache import KVCache, choose_num_blocks, memory_block_capacity
 from kiln.runtime.model import DecoderModel
@@ -45,6 +45,21 @@ def resolve_device(config: EngineConfig, device: str | None) -> torch.device:
     if want.type == "cuda" and not torch.cuda.is_available():
         raise EngineLoadError("engine was built for cuda but no CUDA GPU is visible: run it on a GPU or rebuild with --device cpu")
     return want
+
+
+def kv_cache_dtype(config: EngineConfig) -> torch.dtype:
+    """The KV cache's element type: E4M3 for ``--kv-cache-dtype fp8``, else the engine dtype."""
+    return torch.float8_e4m3fn if config.build.kv_cache_dtype == "fp8" else TORCH_DTYPES[config.build.dtype]
+
+
+def tune_for_device(model: DecoderModel) -> None:
+    """Load-time GPU work before the KV cache takes the free memory: the 16-bit GEMV choice per
+    projection shape and, for quantized projections, their kernels' choice and compilation
+    (nothing is compiled on a request's path). KILN_EAGER=1 skips it."""
+    if next(model.parameters()).device.type != "cuda" or os.environ.get("KILN_EAGER"):
+        return
+    model.tune_linears()
+    model.prepare_quantized()
 
 
 def verify_files(engine_dir: str, config: EngineConfig, names: list[str]) -> None:
@@ -84,7 +99,8 @@ def load_rank(engine_dir: str, config: EngineConfig, mapping: Mapping, device: t
     """This rank's model with its weights; reads only this rank's file."""
     fname = config.rank_files[mapping.rank]
     dtype = TORCH_DTYPES[config.build.dtype]
-    model = DecoderModel(config.model, mapping, dtype=dtype, device=device, comm=comm)
+    check_fp8_device(config.linear_quant, device.type, EngineLoadError)
+    model = DecoderModel(config.model, mapping, dtype=dtype, device=device, comm=comm, quant=config.linear_quant)
     want = model.engine_state_names()
     if config.random_weights_seed is not None:
         _draw_rank(model, config, mapping, dtype, device, want)
@@ -107,10 +123,13 @@ def _draw_rank(model: DecoderModel, config: EngineConfig, mapping: Mapping, dtyp
     """This rank's weights drawn where they will live, as the builder would have cut them."""
     from kiln.parallel.partition import ReadOnce, rank_slice
     from kiln.runtime.checkpoint import RandomReader
+    from kiln.runtime.quantize import QuantizedSource
 
-    fetch = ReadOnce(RandomReader(config.model, seed=config.random_weights_seed, dtype=dtype, device=device).get)
+    get = RandomReader(config.model, seed=config.random_weights_seed, dtype=dtype, device=device).get
+    fetch = ReadOnce(QuantizedSource(get, config.linear_quant, dtype))
+    params = dict(model.named_parameters())
     for n in sorted(names):
-        model.load_weight(n, rank_slice(n, fetch, config.model, mapping).to(dtype))
+        model.load_weight(n, rank_slice(n, fetch, config.model, mapping).to(params[n].dtype))
         fetch.clear()
 
 
@@ -195,12 +214,11 @@ def load_local(
         verify_files(engine_dir, config, [n for n in config.files if not n.startswith("rank")])
     tokenizer = load_tokenizer(engine_dir, config)
     model = load_rank(engine_dir, config, Mapping(), dev, verify=verify)
-    if dev.type == "cuda" and not os.environ.get("KILN_EAGER"):
-        model.tune_linears()  # before the KV cache takes the free memory
+    tune_for_device(model)
     b = config.build
     mnt, mbs = _limits(config, max_num_tokens, max_batch_size)
     ls = model.ls
-    dtype = TORCH_DTYPES[b.dtype]
+    dtype = kv_cache_dtype(config)
     nb = num_kv_blocks or choose_num_blocks(
         memory_block_capacity(len(ls.layers), ls.num_kv_heads, ls.head_dim, b.tokens_per_block, dtype, dev),
         b.tokens_per_block, mbs, b.max_seq_len,

@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels.attention import AttentionMetadata, paged_attention, rotary_write_kv
-from kiln.kernels.gemv import linear, linear_silu_mul
+from kiln.kernels.gemv import linear
 from kiln.kernels.moe import moe_forward, route
 from kiln.kernels.norm import add_rms_norm, rms_norm
 from kiln.kernels.rotary import cos_sin_cache
 from kiln.parallel.expert_parallel import ep_moe_forward
 from kiln.parallel.mapping import Mapping
-from kiln.runtime.config import ModelConfig
+from kiln.runtime.config import LinearQuant, ModelConfig
+from kiln.runtime.linear import Projection
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def _param(*shape: int, dtype, device) -> nn.Parameter:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ls: LocalShape, dtype, device):
+    def __init__(self, cfg: ModelConfig, ls: LocalShape, dtype, device, quant: LinearQuant):
         super().__init__()
         d, h = ls.head_dim, cfg.hidden_size
         self.nh, self.nkv, self.d = ls.num_heads, ls.num_kv_heads, d
@@ -82,13 +83,14 @@ class Attention(nn.Module):
         self.scale = d**-0.5
         self.eps = cfg.rms_norm_eps
         self.sliding_window = cfg.sliding_window
-        self.qkv_proj = nn.Module()
-        self.qkv_proj.weight = _param(self.q_size + 2 * self.kv_size, h, dtype=dtype, device=device)
-        self.qkv_proj.bias = (
-            _param(self.q_size + 2 * self.kv_size, dtype=dtype, device=device) if cfg.attention_bias else None
-        )
-        self.o_proj = nn.Module()
-        self.o_proj.weight = _param(h, self.q_size, dtype=dtype, device=device)
+        self.qkv_proj = Projection(self.q_size + 2 * self.kv_size, h, dtype=dtype, device=device, quant=quant,
+                                   bias=cfg.attention_bias)
+        self.o_proj = Projection(h, self.q_size, dtype=dtype, device=device, quant=quant)
+        # An FP8 KV cache: the per-layer scales keys and values are stored with (see docs/quantization.md).
+        self.k_scale = self.v_scale = None
+        if quant.kv_fp8:
+            self.k_scale = _param(1, dtype=torch.float32, device=device)
+            self.v_scale = _param(1, dtype=torch.float32, device=device)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = nn.Module()
@@ -98,7 +100,7 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, kv, meta: AttentionMetadata, rope_cache, comm):
         t = x.shape[0]
-        qkv = linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.nh, self.d)
         k = k.reshape(t, self.nkv, self.d)
@@ -107,22 +109,24 @@ class Attention(nn.Module):
             q = rms_norm(q, self.q_norm.weight, self.eps)
             k = rms_norm(k, self.k_norm.weight, self.eps)
         k_cache, v_cache = kv
-        q = rotary_write_kv(q, k, v, positions, rope_cache, k_cache, v_cache, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return comm.all_reduce(linear(o.reshape(t, self.q_size), self.o_proj.weight))
+        if self.k_scale is None:
+            q = rotary_write_kv(q, k, v, positions, rope_cache, k_cache, v_cache, meta.slot_mapping)
+            o = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        else:
+            ks, vs = self.k_scale, self.v_scale
+            q = rotary_write_kv(q, k, v, positions, rope_cache, k_cache, v_cache, meta.slot_mapping, k_scale=ks, v_scale=vs)
+            o = paged_attention(q, k_cache, v_cache, meta, self.scale, k_scale=ks, v_scale=vs)
+        return comm.all_reduce(self.o_proj(o.reshape(t, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ls: LocalShape, dtype, device):
+    def __init__(self, cfg: ModelConfig, ls: LocalShape, dtype, device, quant: LinearQuant):
         super().__init__()
-        self.gate_up_proj = nn.Module()
-        self.gate_up_proj.weight = _param(2 * ls.intermediate, cfg.hidden_size, dtype=dtype, device=device)
-        self.down_proj = nn.Module()
-        self.down_proj.weight = _param(cfg.hidden_size, ls.intermediate, dtype=dtype, device=device)
+        self.gate_up_proj = Projection(2 * ls.intermediate, cfg.hidden_size, dtype=dtype, device=device, quant=quant)
+        self.down_proj = Projection(cfg.hidden_size, ls.intermediate, dtype=dtype, device=device, quant=quant)
 
     def forward(self, x, comm):
-        h = linear_silu_mul(x, self.gate_up_proj.weight)
-        return comm.all_reduce(linear(h, self.down_proj.weight))
+        return comm.all_reduce(self.down_proj(self.gate_up_proj.silu_mul(x)))
 
 
 class MoE(nn.Module):
@@ -160,15 +164,16 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ls: LocalShape, dtype, device):
+    def __init__(self, cfg: ModelConfig, ls: LocalShape, dtype, device, quant: LinearQuant | None = None):
         super().__init__()
         self.eps = cfg.rms_norm_eps
         self.input_layernorm = nn.Module()
         self.input_layernorm.weight = _param(cfg.hidden_size, dtype=dtype, device=device)
         self.post_attention_layernorm = nn.Module()
         self.post_attention_layernorm.weight = _param(cfg.hidden_size, dtype=dtype, device=device)
-        self.self_attn = Attention(cfg, ls, dtype, device)
-        self.mlp = MoE(cfg, ls, dtype, device) if cfg.is_moe else MLP(cfg, ls, dtype, device)
+        quant = quant or LinearQuant()
+        self.self_attn = Attention(cfg, ls, dtype, device, quant)
+        self.mlp = MoE(cfg, ls, dtype, device) if cfg.is_moe else MLP(cfg, ls, dtype, device, quant)
 
     def forward(self, h, residual, positions, kv, meta, rope_cache, comm):
         if residual is None:
@@ -208,9 +213,11 @@ class LocalComm:
 class DecoderModel(nn.Module):
     """This rank's part of the decoder: embeddings on the first stage, the LM head on the last."""
 
-    def __init__(self, cfg: ModelConfig, mapping: Mapping | None = None, dtype=torch.float32, device="cpu", comm=None):
+    def __init__(self, cfg: ModelConfig, mapping: Mapping | None = None, dtype=torch.float32, device="cpu", comm=None,
+                 quant: LinearQuant | None = None):
         super().__init__()
         self.cfg = cfg
+        self.quant = quant or LinearQuant()
         self.mapping = mapping or Mapping()
         self.ls = LocalShape.of(cfg, self.mapping)
         self.comm = comm or LocalComm()
@@ -221,7 +228,7 @@ class DecoderModel(nn.Module):
         if self.mapping.is_first_stage:
             m.embed_tokens = nn.Module()
             m.embed_tokens.weight = _param(self.ls.vocab_local, cfg.hidden_size, dtype=dtype, device=device)
-        m.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, self.ls, dtype, device) for i in self.ls.layers})
+        m.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, self.ls, dtype, device, self.quant) for i in self.ls.layers})
         if self.mapping.is_last_stage:
             m.norm = nn.Module()
             m.norm.weight = _param(cfg.hidden_size, dtype=dtype, device=device)
@@ -247,9 +254,10 @@ class DecoderModel(nn.Module):
         if dev.type != "cuda" or not triton_ops.available() or not gemv._enabled():
             return []
         names = ("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight", "down_proj.weight", "lm_head.weight")
-        shapes = sorted({tuple(p.shape) for n, p in self.named_parameters() if p.dim() == 2 and n.endswith(names)})
+        plain = [(n, p) for n, p in self.named_parameters() if p.dtype == self.dtype]  # quantized weights tune apart
+        shapes = sorted({tuple(p.shape) for n, p in plain if p.dim() == 2 and n.endswith(names)})
         dt = str(self.dtype).removeprefix("torch.")
-        glu_shapes = sorted({tuple(p.shape) for n, p in self.named_parameters() if n.endswith("gate_up_proj.weight")})
+        glu_shapes = sorted({tuple(p.shape) for n, p in plain if n.endswith("gate_up_proj.weight")})
         rows = []
         for glu, group in ((False, shapes), (True, glu_shapes)):
             op = "glu" if glu else "linear"
@@ -259,6 +267,17 @@ class DecoderModel(nn.Module):
                 rows += gemv.tune(todo, dtype=self.dtype, device=dev, m_values=m_values, glu=glu)
         torch.cuda.empty_cache()
         return rows
+
+    def prepare_quantized(self, max_m: int | None = None) -> list[dict]:
+        """On a GPU, chooses and compiles the kernels of the quantized projections for each of
+        their shapes at every row count a step can bring (``kiln.kernels.quant_triton``)."""
+        dev = next(self.parameters()).device
+        if self.quant.method == "none" or dev.type != "cuda":
+            return []
+        from kiln.kernels import quant_triton
+
+        shapes = sorted({(p.out_features, p.in_features) for p in self.modules() if isinstance(p, Projection)})
+        return quant_triton.prepare(self.quant, shapes, dtype=self.dtype, device=dev, max_m=max_m)
 
     def engine_state_names(self) -> set[str]:
         """The tensor names this rank's weights file must hold (a tied LM head is stored once)."""

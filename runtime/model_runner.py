@@ -4,6 +4,8 @@ samples, and returns a ``StepResult``.
 The runner keeps a mirror of each running sequence's state (tokens, block table, sampling
 parameters, generator), updated by the plan's deltas. Inputs are staged in persistent
 buffers sized for ``max_num_tokens`` so a GPU path can capture graphs over fixed addresses.
+Sequences listed in ``plan.prompt_logprobs`` also have their prompt rows scored
+(``runtime/prompt_logprobs.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from kiln.kernels.attention import AttentionMetadata
 from kiln.runtime.kv_cache import KVCache
 from kiln.runtime.model import DecoderModel
 from kiln.runtime.plan import SampledToken, StepPlan, StepResult, params_from_wire
+from kiln.runtime.prompt_logprobs import finish_prompt_logprobs, launch_prompt_logprobs, prompt_spans
 from kiln.runtime.sampler import Sampler, SampleRow
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.transfer import h2d
@@ -97,6 +100,7 @@ class ModelRunner:
         """Python lists of this step's inputs; also records each sampling sequence's last row."""
         ids, pos, slots, qlens, slens, tables = [], [], [], [], [], []
         self._last_row: dict[int, int] = {}
+        self._chunks: dict[int, tuple[int, int, int]] = {}  # seq id -> (first row, first position, tokens)
         fix_dst: list[int] = []  # rows whose input token is still on the device (sampled last step)
         fix_src: list[int] = []
         bs = self.block_size
@@ -109,6 +113,7 @@ class ModelRunner:
             if end > len(st.token_ids):
                 raise RuntimeError(f"sequence {sid}: asked to run {n} tokens past its {len(st.token_ids)}")
             tbl = st.block_table
+            self._chunks[sid] = (len(ids), start, n)
             if n == 1:
                 tok = st.token_ids[start]
                 if tok < 0:
@@ -269,7 +274,8 @@ class ModelRunner:
             ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             ev[0].record()
         graph_logits = None
-        if self.graphs is not None and len(ids) == len(qlens) and self.graphs.fits(len(ids)) and not self.keep_logits:
+        if (self.graphs is not None and len(ids) == len(qlens) and self.graphs.fits(len(ids)) and not self.keep_logits
+                and not plan.prompt_logprobs):
             hidden = self.graphs.run(ids, pos, slots, slens, tables, fix=self._apply_fix if self._fix else None)
             graph_logits = self.graphs.last_logits
         elif self.model.mapping.pp > 1 and len(qlens) > 1:
@@ -287,6 +293,10 @@ class ModelRunner:
         if hidden is None:  # not the last pipeline stage: the hidden states went on to the next
             result.forward_s = time.perf_counter() - t0
             return PendingStep(result)
+        prompt_lp = None
+        if plan.prompt_logprobs:
+            spans = prompt_spans(plan.prompt_logprobs, self._chunks, self.seqs)
+            prompt_lp = launch_prompt_logprobs(self.model, hidden, spans, self.samples)
         if self.keep_logits:
             self.last_logits = self.model.compute_logits(hidden)
         sampled_ids = [sid for sid, _, s in work if s]
@@ -345,6 +355,7 @@ class ModelRunner:
                     result.sampled.append(SampledToken(sid, r.token_id, r.logprob, r.rank, r.top_logprobs))
             elif tokens is not None:
                 result.sampled = [SampledToken(sid, t) for sid, t in zip(sampled_ids_host, host.tolist())]
+            result.prompt_logprobs = finish_prompt_logprobs(prompt_lp)
             # Placeholders this worker holds for those tokens become the tokens themselves.
             for st_tok in result.sampled:
                 row = prev_rows.get(st_tok.seq_id)

@@ -42,3 +42,6 @@ class RequestOutput:
     error: str | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """With ``SamplingParams.prompt_logprobs``: one entry per prompt token, ``None`` for the first,
+    then ``{token_id: Logprob}`` with the token itself and the top ``prompt_logprobs`` tokens."""

@@ -53,6 +53,8 @@ class StepPlan:
     forks: list[tuple[int, int, int | None]] = field(default_factory=list)
     # (parent, child, seed): the child starts as a copy of the parent's state this step and samples
     # its first token from the parent's logits (it is listed in ``cached`` with num_tokens 0)
+    prompt_logprobs: list[int] = field(default_factory=list)
+    # sequences whose prompt rows in this step are scored (SamplingParams.prompt_logprobs)
 
     @property
     def num_seqs(self) -> int:
@@ -74,6 +76,7 @@ class StepPlan:
             finished=list(d["finished"]),
             copies=[tuple(c) for c in d["copies"]],
             forks=[tuple(c) for c in d["forks"]],
+            prompt_logprobs=list(d.get("prompt_logprobs", ())),
         )
 
 
@@ -87,10 +90,29 @@ class SampledToken:
 
 
 @dataclass
+class PromptLogprobs:
+    """Log-probabilities of consecutive prompt tokens, scored by one prefill chunk of a sequence.
+
+    Entry ``j`` is about the prompt token at position ``start + j`` given the tokens before it:
+    its id, log-probability, rank in the vocabulary (1 is the most likely) and the ``top_ids`` /
+    ``top_logprobs`` of the request's ``prompt_logprobs`` most likely tokens (empty lists for 0).
+    """
+
+    seq_id: int
+    start: int
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
 class StepResult:
     step_id: int
     sampled: list[SampledToken] = field(default_factory=list)
     forward_s: float = 0.0
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
     def to_wire(self) -> dict:
         d = asdict(self)
@@ -105,7 +127,8 @@ class StepResult:
         for s in d["sampled"]:
             tl = s.get("top_logprobs")
             out.append(SampledToken(**{**s, "top_logprobs": dict(tl) if tl is not None else None}))
-        return cls(step_id=d["step_id"], sampled=out, forward_s=d.get("forward_s", 0.0))
+        plp = [PromptLogprobs(**p) for p in d.get("prompt_logprobs", ())]
+        return cls(step_id=d["step_id"], sampled=out, forward_s=d.get("forward_s", 0.0), prompt_logprobs=plp)
 
 
 def params_from_wire(d: dict) -> SamplingParams:

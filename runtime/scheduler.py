@@ -9,7 +9,9 @@ decodes never stall behind it.
 When blocks run out, the lowest-priority (latest) running sequence is preempted by recompute:
 its blocks are freed and it returns to the front of the waiting queue with its tokens so far;
 when it is scheduled again its prompt and output are prefilled together (prefix-cache hits
-make that cheap) and it continues exactly where it stopped.
+make that cheap) and it continues exactly where it stopped. A request that asks for prompt
+logprobs takes prefix-cache hits only over prompt positions it has scored already, since every
+other prompt row must run; its own full blocks still join the cache for others.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ class Scheduler:
                           "raise num_kv_blocks or shorten the prompt")
                 )
                 continue
-            if not self.bm.can_allocate(seq.token_ids):
+            limit = seq.request.max_hit_tokens()
+            if not self.bm.can_allocate(seq.token_ids, limit):
                 break
             if self.policy == "guaranteed_no_evict":
                 growth = self._growth(seq) * (seq.request.params.n if seq.index == 0 and not seq.request.forked else 1)
@@ -134,7 +137,7 @@ class Scheduler:
                     break  # admitting it could force a preemption later
                 reserved += growth
             self.waiting.pop(0)
-            cached = self.bm.allocate(seq.seq_id, seq.token_ids)
+            cached = self.bm.allocate(seq.seq_id, seq.token_ids, limit)
             seq.num_computed = cached
             seq.bm_len = len(seq.token_ids)
             if seq.index == 0 and seq.num_preemptions == 0:
@@ -219,6 +222,8 @@ class Scheduler:
             )
             del old[start:]
             old.extend(table[start:])
+        if seq.request.wants_prompt_logprobs(seq.num_computed, n, seq.num_prompt):
+            plan.prompt_logprobs.append(seq.seq_id)
         seq.sent_len = len(seq.token_ids)
         self.bm.mark_computed(seq.seq_id, seq.num_computed)  # KV of earlier steps is in the cache now
         seq.num_computed += n

@@ -76,10 +76,22 @@ class Request:
     num_cached_tokens: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
+    prompt_logprobs: list | None = None  # entries known so far, by prompt position (None: not asked for)
 
     @property
     def finished(self) -> bool:
         return bool(self.seqs) and all(s.finished for s in self.seqs) and (self.forked or self.params.n == 1 or self.error is not None)
+
+    def max_hit_tokens(self) -> int | None:
+        """Prompt tokens a (re)admitted sequence may take from the prefix cache: with prompt
+        logprobs, only those whose successors are scored already (every other row must run)."""
+        if self.prompt_logprobs is None:
+            return None
+        return max(0, len(self.prompt_logprobs) - 1)
+
+    def wants_prompt_logprobs(self, start: int, num_tokens: int, num_prompt: int) -> bool:
+        """Whether a chunk of ``num_tokens`` rows from position ``start`` scores prompt tokens not known yet."""
+        return self.prompt_logprobs is not None and min(start + num_tokens, num_prompt - 1) >= len(self.prompt_logprobs)
 
     def sort_key(self) -> tuple:
         return (self.priority, self.arrival)

@@ -22,7 +22,7 @@ import torch
 
 from kiln.parallel.comm import ControlPlane, DistComm, init_distributed
 from kiln.parallel.mapping import Mapping
-from kiln.runtime.builder import TORCH_DTYPES, read_engine_config
+from kiln.runtime.builder import read_engine_config
 from kiln.runtime.kv_cache import KVCache, choose_num_blocks, memory_block_capacity
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.plan import StepPlan, StepResult
@@ -63,7 +63,7 @@ class Worker:
 
     def __init__(self, engine_dir: str, rank: int, world_size: int, master_addr: str | None, master_port: int | None,
                  device: str | None = None, local_rank: int | None = None, verify: bool = True, timeout_s: float = 600):
-        from kiln.runtime.loader import EngineLoadError, load_rank, resolve_device
+        from kiln.runtime.loader import EngineLoadError, load_rank, resolve_device, tune_for_device
 
         self.config = read_engine_config(engine_dir)
         b = self.config.build
@@ -82,8 +82,7 @@ class Worker:
         self.comm = DistComm(self.mapping, groups)
         self.control = ControlPlane(groups.control, rank)
         self.model = load_rank(engine_dir, self.config, self.mapping, dev, comm=self.comm, verify=verify)
-        if dev.type == "cuda" and not os.environ.get("KILN_EAGER"):
-            self.model.tune_linears()  # before the KV cache takes the free memory
+        tune_for_device(self.model)
         self.runner: ModelRunner | None = None
 
     @property
@@ -91,14 +90,20 @@ class Worker:
         return (self.mapping.pp - 1) * self.mapping.tp
 
     def kv_capacity(self) -> int:
+        from kiln.runtime.loader import kv_cache_dtype
+
         ls = self.model.ls
         b = self.config.build
-        return memory_block_capacity(len(ls.layers), ls.num_kv_heads, ls.head_dim, b.tokens_per_block, TORCH_DTYPES[b.dtype], self.device)
+        return memory_block_capacity(len(ls.layers), ls.num_kv_heads, ls.head_dim, b.tokens_per_block,
+                                     kv_cache_dtype(self.config), self.device)
 
     def init_kv(self, num_blocks: int, max_num_tokens: int, max_batch_size: int, eos: list[int], seed: int | None) -> None:
+        from kiln.runtime.loader import kv_cache_dtype
+
         ls = self.model.ls
         b = self.config.build
-        kv = KVCache(len(ls.layers), num_blocks, b.tokens_per_block, ls.num_kv_heads, ls.head_dim, TORCH_DTYPES[b.dtype], self.device)
+        kv = KVCache(len(ls.layers), num_blocks, b.tokens_per_block, ls.num_kv_heads, ls.head_dim,
+                     kv_cache_dtype(self.config), self.device)
         self.runner = ModelRunner(self.model, kv, max_num_tokens, max_batch_size, eos_token_ids=eos, seed=seed)
         if self.device.type == "cuda" and not os.environ.get("KILN_EAGER"):
             self.runner.enable_cuda_graphs(b.max_seq_len)

@@ -1,4 +1,9 @@
-"""Random inputs for the kernel tests: paged KV caches with shuffled block tables and batch metadata."""
+"""Random inputs for the kernel tests: paged KV caches with shuffled block tables and batch metadata.
+
+``cache_dtype=torch.float8_e4m3fn`` makes float8 caches with per-layer scales: keys and values are
+drawn at different magnitudes (so swapped or missing scales show), quantized with
+``quantize_kv``, and the cases carry the scales as float32 tensors of shape [1].
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.kernels.attention import AttentionMetadata
+from kiln.kernels.attention import KV_FP8_DTYPE, AttentionMetadata, kv_scales_from_amax, quantize_kv
 
 
 @dataclass
@@ -16,6 +21,29 @@ class PagedCase:
     v_cache: torch.Tensor
     meta: AttentionMetadata
     scale: float
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    @property
+    def scales(self) -> dict:
+        """The scale keyword arguments of the attention functions (none for a 16-bit cache)."""
+        return {} if self.k_scale is None else dict(k_scale=self.k_scale, v_scale=self.v_scale)
+
+
+K_MAGNITUDE, V_MAGNITUDE = 3.0, 0.5
+
+
+def fp8_scale(values: torch.Tensor, device, amax_share: float = 1.0) -> torch.Tensor:
+    """The scale tensor ([1], float32, on ``device``) calibrated on ``amax_share`` of the largest
+    absolute value of ``values`` (below 1, some of those values clamp)."""
+    amax = amax_share * values.abs().max().item()
+    return torch.tensor([kv_scales_from_amax(amax)], dtype=torch.float32, device=device)
+
+
+def fp8_cache(values: torch.Tensor, device):
+    """``values`` (on the CPU) quantized as an e4m3 cache on ``device``, and its scale."""
+    s = fp8_scale(values, "cpu")
+    return quantize_kv(values, s).to(device), s.to(device)
 
 
 def make_meta(seq_lens, query_lens, block_tables, block_size, device, sliding_window=None, max_seq_len=None):
@@ -56,16 +84,24 @@ def random_block_tables(seq_lens, block_size, gen, extra_blocks=3, width=None):
 
 def make_paged_case(
     seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device,
-    sliding_window=None, seed=0, max_seq_len=None, table_width=None,
+    sliding_window=None, seed=0, max_seq_len=None, table_width=None, cache_dtype=None,
 ) -> PagedCase:
+    """q in ``dtype``; the caches in ``cache_dtype`` (``dtype`` when None; for float8_e4m3fn,
+    keys of magnitude ``K_MAGNITUDE`` and values of ``V_MAGNITUDE`` quantized with their scales)."""
     gen = torch.Generator().manual_seed(seed)
     tables, num_blocks = random_block_tables(seq_lens, block_size, gen, width=table_width)
     meta = make_meta(seq_lens, query_lens, tables, block_size, device, sliding_window, max_seq_len)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    v_cache = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(shape, generator=gen)
+    v = torch.randn(shape, generator=gen)
     t = sum(query_lens)
     q = torch.randn((t, num_q_heads, head_dim), generator=gen).to(device=device, dtype=dtype)
+    if cache_dtype == KV_FP8_DTYPE:
+        (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(k * K_MAGNITUDE, device), fp8_cache(v * V_MAGNITUDE, device)
+        return PagedCase(q, k_cache, v_cache, meta, head_dim ** -0.5, k_scale, v_scale)
+    cache_dtype = dtype if cache_dtype is None else cache_dtype
+    k_cache = k.to(device=device, dtype=cache_dtype)
+    v_cache = v.to(device=device, dtype=cache_dtype)
     return PagedCase(q, k_cache, v_cache, meta, head_dim ** -0.5)
 
 
@@ -90,16 +126,24 @@ class RotaryKVCase:
     slots: torch.Tensor
     k_cache: torch.Tensor
     v_cache: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
-    def run(self, fn):
-        """``fn`` (the kernel or the reference) on fresh copies of the caches: (q out, k cache, v cache)."""
-        kc, vc = self.k_cache.clone(), self.v_cache.clone()
-        qo = fn(self.q, self.k, self.v, self.positions, self.rope, kc, vc, self.slots)
+    def run(self, fn, k_cache=None, v_cache=None):
+        """``fn`` (the kernel or the reference) on fresh copies of the caches (the case's, or
+        ``k_cache`` / ``v_cache`` when given): (q out, k cache, v cache). The scales are passed
+        where the cache is float8."""
+        kc = (self.k_cache if k_cache is None else k_cache).clone()
+        vc = (self.v_cache if v_cache is None else v_cache).clone()
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if kc.dtype == KV_FP8_DTYPE else {}
+        qo = fn(self.q, self.k, self.v, self.positions, self.rope, kc, vc, self.slots, **scales)
         return qo, kc, vc
 
 
-def make_rotary_kv_case(t, hq, hk, d, bs, num_blocks, dtype, device, *, max_pos, theta, pad, seed) -> RotaryKVCase:
-    """Seeds ``seed`` to ``seed + 4``; ``pad`` indexes the slots set to -1."""
+def make_rotary_kv_case(t, hq, hk, d, bs, num_blocks, dtype, device, *, max_pos, theta, pad, seed,
+                        cache_dtype=None) -> RotaryKVCase:
+    """Seeds ``seed`` to ``seed + 4``; ``pad`` indexes the slots set to -1. A float8_e4m3fn
+    ``cache_dtype`` takes each scale from 3/4 of the largest new key (value), so some clamp."""
     from kiln.kernels.rotary import cos_sin_cache
 
     q, k, v = fused_qkv_views(t, hq, hk, d, dtype, device, seed=seed)
@@ -107,8 +151,14 @@ def make_rotary_kv_case(t, hq, hk, d, bs, num_blocks, dtype, device, *, max_pos,
     slots = torch.randperm(num_blocks * bs, generator=torch.Generator().manual_seed(seed + 2))[:t]
     slots[pad] = -1
 
-    def cache(s):
-        return torch.randn((num_blocks, bs, hk, d), generator=torch.Generator().manual_seed(s)).to(device=device, dtype=dtype)
+    def values(s):
+        return torch.randn((num_blocks, bs, hk, d), generator=torch.Generator().manual_seed(s))
 
-    return RotaryKVCase(q, k, v, pos.to(device), cos_sin_cache(d, max_pos, theta, device=device), slots.to(device),
-                        cache(seed + 3), cache(seed + 4))
+    rope = cos_sin_cache(d, max_pos, theta, device=device)
+    if cache_dtype == KV_FP8_DTYPE:
+        k_scale, v_scale = fp8_scale(k, "cpu", amax_share=0.75), fp8_scale(v, "cpu", amax_share=0.75)
+        return RotaryKVCase(q, k, v, pos.to(device), rope, slots.to(device),
+                            quantize_kv(values(seed + 3), k_scale).to(device),
+                            quantize_kv(values(seed + 4), v_scale).to(device), k_scale.to(device), v_scale.to(device))
+    k_cache, v_cache = (values(s).to(device=device, dtype=dtype) for s in (seed + 3, seed + 4))
+    return RotaryKVCase(q, k, v, pos.to(device), rope, slots.to(device), k_cache, v_cache)

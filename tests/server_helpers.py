@@ -1,9 +1,13 @@
-"""Helpers shared by the server tests: one loaded engine per test session and an in-process server."""
+"""Helpers shared by the server tests: one engine core process per engine and test session, and\nan API server (the HTTP app over a client of that core) in a thread of the test process."""
 
 from __future__ import annotations
 
-import asyncio
+import atexit
+import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 
@@ -19,40 +23,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Shared:
-    """One ``LLM`` over the engine directory; its engine is later wrapped in an ``AsyncEngine``.
+class CoreProcess:
+    """An engine core process (``python -m kiln.launch.engine_core``) over an engine directory,
+    listening on an ipc socket in a private directory; stopped at exit."""
 
-    Offline generation goes through ``LLM.generate`` until the async engine starts (only one
-    thread may step an engine), and through the async engine afterwards."""
+    def __init__(self, engine_dir: str, max_queue: int | None = 1024, grace_period: float = 5.0):
+        from kiln.launch.procs import spawn
+
+        self.dir = tempfile.mkdtemp(prefix="kiln-test-core-")
+        self.address = f"ipc://{os.path.join(self.dir, 'core')}"
+        self.proc = spawn("kiln.launch.engine_core", {
+            "engine": engine_dir, "address": self.address, "max_queue": max_queue, "grace_period": grace_period,
+            "parent_pid": os.getpid(), "status_file": os.path.join(self.dir, "status.json")})
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Shared:
+    """One ``LLM`` over the engine directory (the offline reference) and one engine core process
+    that the test servers' API clients share, as ``kiln serve``'s API server processes do."""
 
     def __init__(self, engine_dir: str):
         from kiln.runtime import LLM
 
         self.engine_dir = engine_dir
         self.llm = LLM(engine_dir)
-        self._async = None
+        self._core: CoreProcess | None = None
+        self._tokenizer = None
 
     @property
-    def async_engine(self):
-        from kiln.runtime.async_engine import AsyncEngine
-
+    def core(self) -> CoreProcess:
         with _lock:
-            if self._async is None:
-                self._async = AsyncEngine(self.llm.engine)
-            return self._async
+            if self._core is None:
+                self._core = CoreProcess(self.engine_dir)
+            return self._core
+
+    def client(self):
+        """A new API-side client of the shared engine core (one per app: it lives on the app's loop)."""
+        from kiln.launch.core_client import CoreClient
+
+        cfg = self.llm.engine.config
+        return CoreClient(self.core.address, tokenizer=self.llm.tokenizer, add_bos=cfg.tokenizer.add_bos_token,
+                          max_seq_len=cfg.build.max_seq_len)
 
     def generate(self, prompt, params):
-        """The finished RequestOutput for one prompt."""
-        if self._async is None:
+        """The finished RequestOutput for one prompt, offline (``LLM.generate``)."""
+        with _lock:
             return self.llm.generate([prompt], params)[0]
-
-        async def run():
-            last = None
-            async for out in self._async.generate(prompt, params):
-                last = out
-            return last
-
-        return asyncio.run(run())
 
 
 def shared(engine_dir: str) -> Shared:
@@ -66,7 +91,7 @@ class ServerThread:
     """Runs the app with uvicorn on a free port in a background thread."""
 
     def __init__(self, app, grace_period: float = 5.0):
-        from kiln.launch.server import make_server
+        from kiln.launch.api_server import make_server
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -75,9 +100,10 @@ class ServerThread:
 
     def __enter__(self):
         self.thread.start()
-        end = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > end or not self.thread.is_alive():
+        end = time.monotonic() + 180
+        engine = self.server.kiln_state.engine
+        while not self.server.started or not getattr(engine, "ready", True):
+            if time.monotonic() > end or not self.thread.is_alive() or getattr(engine, "dead", None):
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
         return self

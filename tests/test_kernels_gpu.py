@@ -3,7 +3,10 @@
 Each op runs on fresh random inputs at model-sized shapes; paged attention covers decode-only
 batches with contexts from 1 to ~4,000 tokens over shuffled block tables, mixed batches of
 prefill chunks continuing from cached context plus decodes, GQA / MQA / MHA, sliding windows,
-and a CUDA-graph capture of the decode path replayed with different lengths and tables.
+and a CUDA-graph capture of the decode path replayed with different lengths and tables. The
+float8_e4m3fn cache runs the same shapes: the rotary + cache write byte for byte against
+``quantize_kv``, attention against the float32 reference over the same e4m3 cache, and a decode
+step captured in a CUDA graph whose scales change in place between replays.
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
 ]
 
+from kiln.kernels import triton_attention as attn_ops  # noqa: E402
 from kiln.kernels import triton_ops as ops  # noqa: E402
 from kiln.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from kiln.kernels.attention import (  # noqa: E402
-    paged_attention, paged_attention_ref, rotary_write_kv, rotary_write_kv_ref,
+    KV_FP8_DTYPE, paged_attention, paged_attention_ref, quantize_kv, rotary_write_kv, rotary_write_kv_ref,
 )
 from kiln.kernels.norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 from kiln.kernels.rotary import cos_sin_cache  # noqa: E402
 
-from kernel_cases import fused_qkv_views, make_meta, make_paged_case, make_rotary_kv_case  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    K_MAGNITUDE, V_MAGNITUDE, fp8_cache, fused_qkv_views, make_meta, make_paged_case, make_rotary_kv_case,
+)
 
 DEV = "cuda"
 BF, FP16 = torch.bfloat16, torch.float16
@@ -114,7 +120,7 @@ def test_rotary_write_kv(t, hq, hk, d, bs, dtype):
     """Rotary and the cache write in one kernel against apply_rotary_ref + write_kv_ref."""
     case = make_rotary_kv_case(t, hq, hk, d, bs, -(-t // bs) + 8, dtype, DEV, max_pos=8192, theta=500000.0,
                                pad=slice(None, None, 5), seed=18)
-    qo, kc, vc = case.run(ops.rotary_write_kv)
+    qo, kc, vc = case.run(attn_ops.rotary_write_kv)
     q_ref, kc_ref, vc_ref = case.run(rotary_write_kv_ref)
     _close(qo, q_ref, 2e-2)
     _close(kc, kc_ref, 2e-2)
@@ -132,7 +138,7 @@ HEADS = [(32, 8, 128), (8, 1, 64), (16, 16, 64), (4, 2, 32)]
 
 
 def _run(case, **kw):
-    out = ops.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **kw)
+    out = attn_ops.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **kw)
     ref = paged_attention_ref(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
     return out, ref
 
@@ -221,7 +227,7 @@ def test_mixed_float32():
 def test_dispatcher_routes_to_triton():
     case = make_paged_case([100, 7], [1, 1], 32, 8, 128, 16, BF, DEV, seed=30)
     a = paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
-    b = ops.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
+    b = attn_ops.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
     assert torch.equal(a, b)
 
 
@@ -263,6 +269,188 @@ def test_decode_cuda_graph_replay(hq, hk, d, bs):
         graph.replay()
         ref = paged_attention_ref(q, k_cache, v_cache, new, scale)
         _check_attn(out, ref, BF)
+
+
+# ----------------------------------------------------------------------------------------------
+# float8_e4m3fn KV cache
+# ----------------------------------------------------------------------------------------------
+
+F8 = KV_FP8_DTYPE
+
+
+def _bytes(x):
+    return x.view(torch.uint8)
+
+
+def _same_bytes(a, b) -> bool:
+    return a.dtype == b.dtype and torch.equal(_bytes(a), _bytes(b))
+
+
+def _close_fp8_keys(a, b, k_scale):
+    """e4m3 keys of two rotations that may differ by a unit in bfloat16's last place: in
+    dequantized units, that unit plus one e4m3 step (1/8) where it crosses a rounding edge."""
+    torch.testing.assert_close(a.float() * k_scale, b.float() * k_scale, atol=2e-2, rtol=0.13)
+
+
+def _run_fp8(case, **kw):
+    """The kernels on an e4m3 case against the reference over the same cache with float32
+    queries (keys and values exactly ``cache.float() * scale``), so the difference is the
+    kernels' own rounding, as in the 16-bit checks."""
+    out = attn_ops.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **case.scales, **kw)
+    ref = paged_attention_ref(case.q.float(), case.k_cache, case.v_cache, case.meta, case.scale, **case.scales)
+    assert out.dtype == case.q.dtype
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", [BF, FP16])
+@pytest.mark.parametrize("t,hq,hk,d,bs", [(1, 32, 8, 128, 16), (300, 32, 8, 128, 32), (33, 14, 2, 64, 16), (5, 4, 1, 32, 16)])
+def test_rotary_write_kv_fp8(t, hq, hk, d, bs, dtype):
+    """The quantized store: values byte for byte the reference's; keys byte for byte
+    ``quantize_kv`` of the rotation the kernel stores in a 16-bit cache; padding slots untouched."""
+    case = make_rotary_kv_case(t, hq, hk, d, bs, -(-t // bs) + 8, dtype, DEV, max_pos=8192, theta=500000.0,
+                               pad=slice(None, None, 5), seed=18, cache_dtype=F8)
+    qo, kc, vc = case.run(attn_ops.rotary_write_kv)
+    q_ref, kc_ref, vc_ref = case.run(rotary_write_kv_ref)
+    zeros = torch.zeros(kc.shape, dtype=dtype, device=DEV)
+    qo16, kc16, _ = case.run(attn_ops.rotary_write_kv, k_cache=zeros, v_cache=zeros)
+    _close(qo, q_ref, 2e-2)
+    assert torch.equal(qo, qo16)
+    assert kc.dtype == F8 and _same_bytes(vc, vc_ref)
+    rows = (-1, hk, d)
+    slots = case.slots[case.slots >= 0]
+    assert torch.equal(_bytes(kc).view(rows)[slots], _bytes(quantize_kv(kc16.view(rows)[slots], case.k_scale)))
+    _close_fp8_keys(kc, kc_ref, case.k_scale)
+    untouched = torch.ones(kc.view(rows).shape[0], dtype=torch.bool, device=DEV)
+    untouched[slots] = False
+    assert torch.equal(_bytes(kc).view(rows)[untouched], _bytes(case.k_cache).view(rows)[untouched])
+    qo2, kc2, vc2 = case.run(rotary_write_kv)
+    assert torch.equal(qo2, qo) and _same_bytes(kc2, kc) and _same_bytes(vc2, vc)
+
+
+@pytest.mark.parametrize("dtype", [BF, FP16])
+@pytest.mark.parametrize("hq,hk,d", HEADS)
+def test_decode_fp8_varied_contexts(hq, hk, d, dtype):
+    g = torch.Generator().manual_seed(20)
+    seq_lens = [1, 4000, 2, 17, 513] + torch.randint(1, 4001, (12,), generator=g).tolist()
+    case = make_paged_case(seq_lens, [1] * len(seq_lens), hq, hk, d, 16, dtype, DEV, seed=21, cache_dtype=F8)
+    out, ref = _run_fp8(case)
+    _check_attn(out, ref, dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 7, 64])
+def test_decode_fp8_forced_splits(splits):
+    case = make_paged_case([1, 3999, 250, 1024, 64], [1] * 5, 32, 8, 128, 16, BF, DEV, seed=22, cache_dtype=F8)
+    out, ref = _run_fp8(case, num_splits=splits)
+    _check_attn(out, ref, BF)
+
+
+@pytest.mark.parametrize("window", [1, 128, 1000])
+def test_decode_fp8_sliding_window(window):
+    seq_lens = [1, 90, 129, 1000, 3000, 4000]
+    case = make_paged_case(seq_lens, [1] * 6, 32, 8, 128, 16, BF, DEV, sliding_window=window, seed=24,
+                           cache_dtype=F8)
+    out, ref = _run_fp8(case)
+    _check_attn(out, ref, BF)
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("hq,hk,d", HEADS)
+@pytest.mark.parametrize("lens", MIXED)
+def test_mixed_batch_fp8(lens, hq, hk, d, bs):
+    seq_lens, query_lens = lens
+    case = make_paged_case(seq_lens, query_lens, hq, hk, d, bs, BF, DEV, seed=26, cache_dtype=F8)
+    out, ref = _run_fp8(case)
+    _check_attn(out, ref, BF)
+
+
+@pytest.mark.parametrize("window", [64, 700])
+def test_mixed_fp8_sliding_window(window):
+    seq_lens, query_lens = [1500, 300, 2000, 45, 900], [512, 1, 100, 45, 1]
+    case = make_paged_case(seq_lens, query_lens, 32, 8, 128, 16, BF, DEV, sliding_window=window, seed=27,
+                           cache_dtype=F8)
+    out, ref = _run_fp8(case)
+    _check_attn(out, ref, BF)
+
+
+def test_fp8_float32_queries():
+    case = make_paged_case([300, 20, 129, 2100], [150, 1, 129, 1], 8, 2, 64, 16, torch.float32, DEV, seed=29,
+                           cache_dtype=F8)
+    out, ref = _run_fp8(case)
+    _check_attn(out, ref, torch.float32)
+
+
+def test_fp8_dispatcher_routes_to_triton():
+    case = make_paged_case([100, 7, 40], [1, 1, 12], 32, 8, 128, 16, BF, DEV, seed=30, cache_dtype=F8)
+    a = paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **case.scales)
+    b = attn_ops.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **case.scales)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="needs k_scale"):
+        paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
+
+
+@pytest.mark.parametrize("hq,hk,d,bs", [(32, 8, 128, 16), (8, 1, 64, 32)])
+def test_fp8_decode_step_cuda_graph(hq, hk, d, bs):
+    """An FP8 layer's decode step (rotary + quantized cache write, then attention) captured in a
+    CUDA graph and replayed with new tokens, lengths and tables, and with both scales changed in
+    place before each replay: the kernels read the scales from their tensors, so every replay
+    uses the current values."""
+    b, bound = 8, 2048
+    width = bound // bs
+    num_blocks = b * width + 5
+    gen = torch.Generator().manual_seed(32)
+    shape = (num_blocks, bs, hk, d)
+    k_cache, k_scale = fp8_cache(torch.randn(shape, generator=gen) * K_MAGNITUDE, DEV)
+    v_cache, v_scale = fp8_cache(torch.randn(shape, generator=gen) * V_MAGNITUDE, DEV)
+    rope = cos_sin_cache(d, bound, 500000.0, device=DEV)
+    qkv = torch.empty((b, (hq + 2 * hk) * d), device=DEV, dtype=BF)
+    q, k, v = (x.view(b, n, d) for x, n in zip(qkv.split([hq * d, hk * d, hk * d], dim=-1), (hq, hk, hk)))
+    scale = d ** -0.5
+
+    def new_meta():
+        tables = torch.randperm(num_blocks, generator=gen)[: b * width].view(b, width)
+        lens = [1, bound] + torch.randint(1, bound + 1, (b - 2,), generator=gen).tolist()
+        return make_meta(lens, [1] * b, tables, bs, DEV, max_seq_len=bound)
+
+    def load(new):
+        meta.seq_lens.copy_(new.seq_lens)
+        meta.block_tables.copy_(new.block_tables)
+        meta.slot_mapping.copy_(new.slot_mapping)
+        pos.copy_(new.seq_lens.long() - 1)
+        qkv.copy_(torch.randn(qkv.shape, generator=gen).to(DEV, BF))
+
+    def step():
+        q2 = rotary_write_kv(q, k, v, pos, rope, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        return q2, paged_attention(q2, k_cache, v_cache, meta, scale, k_scale, v_scale)
+
+    meta = new_meta()
+    pos = torch.zeros(b, dtype=torch.long, device=DEV)
+    load(meta)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q_out, out = step()
+
+    for i in range(3):
+        new = new_meta()
+        load(new)
+        old_ks, old_vs = k_scale.clone(), v_scale.clone()
+        k_scale.mul_(1.1)
+        v_scale.mul_(1.25)
+        kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+        graph.replay()
+        q_ref = rotary_write_kv_ref(q, k, v, pos, rope, kc_ref, vc_ref, new.slot_mapping, k_scale, v_scale)
+        _close(q_out, q_ref, 2e-2)
+        assert _same_bytes(v_cache, vc_ref)
+        _close_fp8_keys(k_cache, kc_ref, k_scale)
+        ref = paged_attention_ref(q_out.float(), k_cache, v_cache, new, scale, k_scale, v_scale)
+        _check_attn(out, ref, BF)
+        stale = paged_attention_ref(q_out.float(), k_cache, v_cache, new, scale, old_ks, old_vs)
+        assert (out.float() - stale).abs().max() > 0.05
 
 
 # ----------------------------------------------------------------------------------------------

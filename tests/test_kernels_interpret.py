@@ -25,7 +25,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
 
 from kiln.kernels.activation import silu_and_mul_ref  # noqa: E402
-from kiln.kernels.attention import paged_attention_ref, rotary_write_kv_ref  # noqa: E402
+from kiln.kernels.attention import KV_FP8_DTYPE, paged_attention_ref, quantize_kv, rotary_write_kv_ref  # noqa: E402
 from kiln.kernels.norm import add_rms_norm_ref, rms_norm_ref  # noqa: E402
 
 from kernel_cases import fused_qkv_views, make_paged_case, make_rotary_kv_case  # noqa: E402
@@ -33,10 +33,14 @@ from kernel_cases import fused_qkv_views, make_paged_case, make_rotary_kv_case  
 
 
 def _patch_interpreter():
-    """Two gaps of Triton 3.6's interpreter, closed for this process only:
+    """Three gaps of Triton's interpreter, closed for this process only:
     it turns loop bounds into ints with ``int(array)``, which NumPy 2 refuses for the one-element
-    arrays that hold its scalars (take the element instead); and its ``tl.dot`` multiplies the raw
-    bits of bfloat16 operands (widen them to float32 first, as the tensor cores do)."""
+    arrays that hold its scalars (take the element instead); its ``tl.dot`` multiplies the raw
+    bits of bfloat16 operands (widen them to float32 first, as the tensor cores do); and its
+    float32 -> float8e4nv cast is not round-to-nearest-even (a mantissa that rounds up past 0b111
+    loses the carry, 124.9 becomes 64, and ties round away from zero), so that cast goes through
+    torch's, which rounds as the GPU's ``cvt.rn.satfinite`` does for the clamped values the
+    kernels store. Widening float8e4nv to 16 or 32 bits is exact in the interpreter as it is."""
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
@@ -61,13 +65,24 @@ def _patch_interpreter():
     def create_dot(self, a, b, d, *args):
         return original_dot(self, widen(a), widen(b), d, *args)
 
+    original_fp_to_fp = builder_cls.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            data = x.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(src.data.shape)
+            return interpreter.TensorHandle(data, tl.float8e4nv)
+        return original_fp_to_fp(self, src, dst_type, rounding_mode)
+
     interpreter._patch_lang_tensor = patch_lang_tensor
     builder_cls.create_dot = create_dot
+    builder_cls.create_fp_to_fp = create_fp_to_fp
     interpreter._kiln_patched = True
 
 
 if INTERPRET:
     _patch_interpreter()
+    from kiln.kernels import triton_attention as attn
     from kiln.kernels import triton_ops as ops
 
 
@@ -147,7 +162,7 @@ def test_rotary_write_kv(hq, hk, d, bs):
     slots untouched)."""
     t, nb = 9, 5
     case = make_rotary_kv_case(t, hq, hk, d, bs, nb, BF, "cpu", max_pos=256, theta=10000.0, pad=[2, 6], seed=14)
-    qo, kc, vc = case.run(ops.rotary_write_kv)
+    qo, kc, vc = case.run(attn.rotary_write_kv)
     q_ref, kc_ref, vc_ref = case.run(rotary_write_kv_ref)
     _close(qo, q_ref, 2e-2)
     _close(kc, kc_ref, 2e-2)
@@ -158,8 +173,8 @@ def test_rotary_write_kv(hq, hk, d, bs):
 
 
 def _attn(case, **kw):
-    out = ops.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **kw)
-    ref = paged_attention_ref(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
+    out = attn.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **case.scales, **kw)
+    ref = paged_attention_ref(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **case.scales)
     return out, ref
 
 
@@ -206,7 +221,7 @@ def test_prefill_small_tiles():
     seq_lens, query_lens = [50, 33], [30, 33]
     case = make_paged_case(seq_lens, query_lens, 8, 2, 32, 16, BF, "cpu", seed=18)
     out = torch.empty_like(case.q)
-    ops.launch_prefill(case.q, case.k_cache, case.v_cache, out, case.meta, case.scale, skip_decodes=False,
+    attn.launch_prefill(case.q, case.k_cache, case.v_cache, out, case.meta, case.scale, skip_decodes=False,
                        block_m=16)
     ref = paged_attention_ref(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
     _close(out, ref, 2e-2)
@@ -217,3 +232,98 @@ def test_mixed_float32():
     case = make_paged_case([20, 9], [6, 1], 2, 1, 32, 16, torch.float32, "cpu", seed=19)
     out, ref = _attn(case)
     _close(out, ref, 1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# float8_e4m3fn caches
+# ----------------------------------------------------------------------------------------------
+
+F8 = KV_FP8_DTYPE
+
+
+def _bytes(x):
+    return x.view(torch.uint8)
+
+
+@in_child
+@pytest.mark.parametrize("hq,hk,d,bs", [(4, 2, 32, 16), (3, 1, 64, 8)])
+def test_rotary_write_kv_fp8(hq, hk, d, bs):
+    """The kernel's e4m3 keys are quantize_kv of the keys it rotates (the same rotation it stores
+    in a bfloat16 cache), its values are the reference's byte for byte, and padding slots keep
+    their bytes."""
+    t, nb = 9, 5
+    case = make_rotary_kv_case(t, hq, hk, d, bs, nb, BF, "cpu", max_pos=256, theta=10000.0, pad=[2, 6], seed=14,
+                               cache_dtype=F8)
+    qo, kc, vc = case.run(attn.rotary_write_kv)
+    q_ref, kc_ref, vc_ref = case.run(rotary_write_kv_ref)
+    zeros = torch.zeros(kc.shape, dtype=BF)
+    _, kc_bf, _ = case.run(attn.rotary_write_kv, k_cache=zeros, v_cache=zeros)
+    _close(qo, q_ref, 2e-2)
+    assert kc.dtype == F8 and vc.dtype == F8
+    assert torch.equal(_bytes(vc), _bytes(vc_ref))
+    rows = (nb * bs, hk, d)
+    slots = case.slots[case.slots >= 0]
+    assert torch.equal(_bytes(kc).view(rows)[slots], _bytes(quantize_kv(kc_bf.view(rows)[slots], case.k_scale)))
+    # against the reference, in dequantized units: the bfloat16 test's absolute tolerance for the
+    # interpreter's truncating rotation, plus one e4m3 step (1/8) where that crosses a rounding edge
+    torch.testing.assert_close(kc.float() * case.k_scale, kc_ref.float() * case.k_scale, atol=2e-2, rtol=0.13)
+    untouched = torch.ones(nb * bs, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(_bytes(kc).view(rows)[untouched], _bytes(case.k_cache).view(rows)[untouched])
+    assert torch.equal(_bytes(vc).view(rows)[untouched], _bytes(case.v_cache).view(rows)[untouched])
+
+
+@in_child
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("hq,hk,d,bs", [(4, 2, 32, 16), (4, 1, 32, 32), (2, 2, 64, 16)])
+def test_decode_fp8(hq, hk, d, bs, splits):
+    case = make_paged_case([1, 37, 700, 129], [1] * 4, hq, hk, d, bs, BF, "cpu", seed=14, cache_dtype=F8)
+    out, ref = _attn(case, num_splits=splits)
+    _close(out, ref, 2e-2)
+
+
+@in_child
+def test_decode_fp8_sliding_window():
+    case = make_paged_case([5, 90, 333], [1, 1, 1], 4, 2, 32, 16, BF, "cpu", sliding_window=40, seed=15,
+                           max_seq_len=2048, table_width=130, cache_dtype=F8)
+    out, ref = _attn(case, num_splits=4)
+    _close(out, ref, 2e-2)
+
+
+@in_child
+@pytest.mark.parametrize("window", [None, 19])
+@pytest.mark.parametrize("hq,hk,d,bs", [(4, 2, 32, 16), (3, 1, 32, 32)])
+def test_mixed_batch_fp8(hq, hk, d, bs, window):
+    case = make_paged_case([40, 77, 70, 1, 45], [40, 1, 23, 1, 5], hq, hk, d, bs, BF, "cpu", sliding_window=window,
+                           seed=17, cache_dtype=F8)
+    out, ref = _attn(case)
+    _close(out, ref, 2e-2)
+
+
+@in_child
+def test_prefill_small_tiles_fp8():
+    case = make_paged_case([50, 33], [30, 33], 8, 2, 32, 16, BF, "cpu", seed=18, cache_dtype=F8)
+    out = torch.empty_like(case.q)
+    attn.launch_prefill(case.q, case.k_cache, case.v_cache, out, case.meta, case.scale, skip_decodes=False,
+                        block_m=16, **case.scales)
+    _close(out, paged_attention_ref(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **case.scales), 2e-2)
+
+
+@in_child
+def test_fp8_cache_float32_queries():
+    case = make_paged_case([20, 9, 150], [6, 1, 1], 2, 1, 32, 16, torch.float32, "cpu", seed=19, cache_dtype=F8)
+    out, ref = _attn(case, num_splits=2)
+    _close(out, ref, 1e-4)
+
+
+@in_child
+def test_fp8_scales_read_at_run_time():
+    """The kernels take the scales from their tensors: changing one in place changes the result
+    as it changes the reference's."""
+    case = make_paged_case([3, 150], [3, 1], 4, 2, 32, 16, BF, "cpu", seed=20, cache_dtype=F8)
+    first, _ = _attn(case)
+    case.k_scale.mul_(0.5)
+    case.v_scale.mul_(2.0)
+    out, ref = _attn(case)
+    _close(out, ref, 2e-2)
+    assert (out.float() - first.float()).abs().max() > 0.1

@@ -28,7 +28,7 @@ PERSON = {
 def env(smollm_engine):
     s = shared(smollm_engine)
     ref = s.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0.0)).outputs[0]
-    app = build_app(s.async_engine, model_name="smollm", api_key=KEY, max_body_bytes=1 << 20, aliases=["eng"])
+    app = build_app(s.client(), model_name="smollm", api_key=KEY, max_body_bytes=1 << 20, aliases=["eng"])
     with ServerThread(app) as srv:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=120)
         yield srv, client, ref, s
@@ -198,7 +198,8 @@ def test_metrics_count_requests(env):
 
 def test_timeout_aborts_request(env):
     _, _, _, s = env
-    app = build_app(s.async_engine, model_name="smollm", request_timeout=1.0)
+    core = s.client()
+    app = build_app(core, model_name="smollm", request_timeout=1.0)
     with ServerThread(app) as srv:
         body = {"model": "smollm", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
         r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
@@ -209,6 +210,6 @@ def test_timeout_aborts_request(env):
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2][6:])["error"]["code"] == "timeout"
         end = time.monotonic() + 10
-        while s.async_engine.stats()["kv_blocks_used"] and time.monotonic() < end:
+        while core.stats()["kv_blocks_used"] and time.monotonic() < end:
             time.sleep(0.1)
-        assert s.async_engine.stats()["kv_blocks_used"] == 0
+        assert core.stats()["kv_blocks_used"] == 0

@@ -20,7 +20,7 @@ MAX_TOKENS = 4
 @pytest.fixture(scope="module")
 def served(smollm_engine):
     s = shared(smollm_engine)
-    app = build_app(s.async_engine, model_name="smollm", request_timeout=60)
+    app = build_app(s.client(), model_name="smollm", request_timeout=60)
     with ServerThread(app) as srv:
         yield app, srv
 

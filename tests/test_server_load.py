@@ -20,7 +20,7 @@ from server_helpers import ServerThread, free_port, metric, shared, wait_health
 @pytest.fixture(scope="module")
 def server(smollm_engine):
     s = shared(smollm_engine)
-    app = build_app(s.async_engine, model_name="smollm")
+    app = build_app(s.client(), model_name="smollm")
     with ServerThread(app) as srv:
         yield srv, s
 
@@ -99,7 +99,7 @@ def test_128_streams_with_disconnects(server):
 
 def test_queue_full_gives_429(server):
     srv, s = server
-    ae = s.async_engine
+    ae = srv.server.kiln_state.engine  # the app's client of the engine core: the limit is the core's
     old = ae.max_waiting
     ae.max_waiting = 2
 

@@ -1,0 +1,146 @@
+"""Quantized engines on one GPU, as a user meets them (wall time of ``LLM.generate``):
+
+(a) batch-1 decode per token for bfloat16, fp8, fp8 + fp8 KV, int8-weight and int4 engines of
+    one shape, each against its own weight-read floor (bytes one step reads / measured copy
+    bandwidth) and against bfloat16;
+(b) batch-64 decode step of the same engines, and each one's KV cache capacity in tokens;
+(c) offline throughput, ISL/OSL 1000/1000 (``--requests``, ignore_eos) for the variants in
+    ``--offline`` at ``--max-batch-size``.
+
+Random-weight engines drawn at load (``--weights-at-load``): the weights are quantized on the GPU
+as the builder would, so no weight files are written. int4 engines of random weights use
+round-to-nearest (an AWQ search needs real weights; the kernel is the same).
+
+    python benchmarks/bench_quant.py --model llama-3-8b --variants bf16,fp8,fp8kv,int8,int4 --offline bf16,fp8kv
+
+One record per part in benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gpu import copy_bandwidth  # noqa: E402
+from record import text_table, write_record  # noqa: E402
+
+VARIANTS = {
+    "bf16": [],
+    "fp8": ["--quant", "fp8"],
+    "fp8kv": ["--quant", "fp8", "--kv-cache-dtype", "fp8"],
+    "int8": ["--quant", "int8-weight"],
+    "int4": ["--quant", "int4-awq"],
+}
+
+
+def build(model: str, variant: str, root: str, max_batch_size: int, max_seq_len: int) -> str:
+    import subprocess
+
+    out = os.path.join(root, f"{model}-{variant}")
+    if not os.path.exists(os.path.join(out, "engine.json")):
+        cmd = [sys.executable, "-m", "kiln.launch.cli", "build", "--model", model, "--random-weights", "--dtype", "bfloat16",
+               "--device", "cuda", "--output", out, "--max-batch-size", str(max_batch_size), "--max-seq-len", str(max_seq_len),
+               "--weights-at-load", "--quiet", *VARIANTS[variant]]
+        subprocess.run(cmd, check=True)
+    return out
+
+
+def read_bytes(llm) -> int:
+    """Bytes a decode step reads: every weight but the embedding table (unless tied)."""
+    model = llm.engine.executor.runner.model
+    tied = model.cfg.tie_word_embeddings
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if tied or "embed_tokens" not in n)
+
+
+def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, 30000) for _ in range(length)] for _ in range(n)]
+
+
+def timed_generate(llm, ps, max_tokens: int) -> float:
+    from kiln.runtime.sampling_params import SamplingParams
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.generate(ps, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    return time.perf_counter() - t
+
+
+def decode_ms(llm, batch: int, steps: int, seed: int) -> float:
+    """Wall time per decode step of ``batch`` requests: (T(steps + 1 tokens) - T(1 token)) / steps."""
+    ps = prompts(batch, 128, seed)
+    timed_generate(llm, ps, 8)  # warm
+    t1 = min(timed_generate(llm, ps, 1) for _ in range(2))
+    tn = timed_generate(llm, ps, steps + 1)
+    return (tn - t1) / steps * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--variants", default="bf16,fp8,fp8kv,int8,int4")
+    ap.add_argument("--offline", default="bf16,fp8kv", help="variants to run the offline workload on ('' for none)")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--isl", type=int, default=1000)
+    ap.add_argument("--osl", type=int, default=1000)
+    ap.add_argument("--max-batch-size", type=int, default=512)
+    ap.add_argument("--engines", default="/tmp/kiln-engines")
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--policy", default="max_utilization", help="scheduler policy (guaranteed_no_evict or max_utilization)")
+    a = ap.parse_args()
+    from kiln.runtime.llm import LLM
+
+    bw = copy_bandwidth()
+    offline = [v for v in a.offline.split(",") if v]
+    rows, results = [], {}
+    for v in a.variants.split(","):
+        eng = build(a.model, v, a.engines, a.max_batch_size, max(4096, a.isl + a.osl + 64))
+        t = time.time()
+        llm = LLM(eng, scheduler_policy=a.policy)
+        load_s = time.time() - t
+        nbytes = read_bytes(llm)
+        floor = nbytes / bw * 1000
+        b1 = decode_ms(llm, 1, a.steps, 0)
+        b64 = decode_ms(llm, 64, 128, 1)
+        bm = llm.engine.block_manager
+        row = {"variant": v, "load_s": round(load_s, 1), "weight_gb_read": round(nbytes / 1e9, 3),
+               "floor_ms": round(floor, 3), "batch1_ms": round(b1, 3), "ratio_to_floor": round(b1 / floor, 3),
+               "batch64_step_ms": round(b64, 2), "kv_tokens": bm.num_blocks * bm.block_size}
+        if v in offline:
+            ps = prompts(a.requests, a.isl, 7)
+            wall = timed_generate(llm, ps, a.osl)
+            row["offline_tok_s"] = round(a.requests * a.osl / wall, 1)
+            row["offline_wall_s"] = round(wall, 1)
+            row["preemptions"] = llm.stats().get("preemptions")
+        results[v] = row
+        rows.append(row)
+        print(text_table([row], list(row)), flush=True)
+        llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "bf16" in results:
+        for r in rows:
+            r["batch1_vs_bf16"] = round(r["batch1_ms"] / results["bf16"]["batch1_ms"], 3)
+    print(text_table(rows, ["variant", "weight_gb_read", "floor_ms", "batch1_ms", "ratio_to_floor", "batch1_vs_bf16",
+                            "batch64_step_ms", "kv_tokens", "offline_tok_s", "load_s"]))
+    settings = {"weights": "random, drawn and quantized at load", "max_batch_size": a.max_batch_size,
+                "scheduler_policy": a.policy,
+                "decode_prompt_tokens": 128, "batch1_steps": a.steps, "measured": "wall time of LLM.generate",
+                "offline": {"variants": offline, "requests": a.requests, "input_tokens": a.isl, "output_tokens": a.osl,
+                            "ignore_eos": True}}
+    write_record("gpu-quant", a.model, settings,
+                 {"copy_bandwidth_gb_s": round(bw / 1e9, 1), "rows": rows,
+                  **{f"{r['variant']}_decode_ms_per_token": r["batch1_ms"] for r in rows},
+                  **{f"{r['variant']}_output_tokens_per_s": r["offline_tok_s"] for r in rows if "offline_tok_s" in r}})
+
+
+if __name__ == "__main__":
+    main()

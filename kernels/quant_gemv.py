@@ -1,0 +1,538 @@
+"""Skinny products of quantized weights for decode: ``y = x @ w.T`` for x [M, K] with small M
+(1 to a few rows) and w an FP8 (E4M3), INT8 or INT4 weight in the layouts of
+``docs/quantization.md``. At these sizes the product only streams the weight once, so what
+counts is reading it at the memory's bandwidth: 1 byte an element for FP8 and INT8, half a
+byte for INT4.
+
+The kernels follow ``kiln.kernels.gemv``: each program owns ``BLOCK_N`` weight rows and walks K
+in ``BLOCK_K`` chunks; up to four x rows share each weight tile read (``rows``); the next
+``num_stages - 1`` tiles are loaded into registers ahead of use, with ``evict_first``; the
+first tiles load before the programmatic-dependent-launch wait, the activations after it.
+
+* ``_q8_gemv_kernel`` (FP8 and INT8). INT8 values are decoded exactly with the 2^23 float
+  trick (one integer add, one float subtract). FP8: the x rows are quantized in the kernel,
+  exactly as ``quant.quantize_fp8_act`` does: a first pass over each row takes its amax (the
+  row is small and stays in L1/L2), then every chunk is divided by the row's scale (a
+  correctly rounded quotient, from the reciprocal and one FMA correction), clamped to +-448 and
+  rounded to E4M3. The E4M3 products accumulate in float32; the sum is multiplied by the row's
+  scale and then the weight row's scale, as the reference does.
+* ``_q4_gemv_kernel`` (INT4, groups along K). The packed bytes are split into their two
+  nibbles, interleaved back into column order, and ``q - zero`` is formed exactly in float32
+  (2^23 + q minus 2^23 + zero). Each group's ``sum((q - z) * x)`` is reduced in the chunk and
+  multiplied by the group scale once, which reassociates the reference's sum only.
+
+With ``glu`` the weight is a fused [2I, K] gate/up projection (gate rows [0, I), up rows
+[I, 2I)); tile rows alternate gate row c and up row I + c, and the epilogue writes
+``silu(gate) * up`` [M, I] with the rounding points of the unfused path (the product rounded to
+x's dtype, then the activation as ``triton_ops.silu_and_mul``).
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``), whose float32 -> E4M3 cast mis-rounds,
+the E4M3 rounding is done with float arithmetic instead (``EMU``); on a GPU it is the
+hardware's round-to-nearest-even conversion.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kiln.kernels import triton_ops
+from kiln.kernels.gemv import MAX_ROWS, GemvConfig, _w_tile, _x_chunk
+from kiln.kernels.triton_ops import _gdc_enter, _jit, tl
+
+__all__ = ["GemvConfig", "q8_gemv", "q4_gemv", "q8_configs", "q4_configs", "q8_fits", "q4_fits", "group_fits"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers (also used by kiln.kernels.quant_gemm)
+# ----------------------------------------------------------------------------------------------
+
+
+@_jit
+def _round_e4m3(q):
+    """q (float32, |q| <= 448) rounded to the nearest E4M3 value (ties to even), in float32:
+    adding and subtracting 2^(e + 20) leaves the float32 spacing of E4M3 at q's binade e
+    (at least -6, the subnormal spacing 2^-9)."""
+    a = tl.abs(q)
+    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    c = ((e + 147) << 23).to(tl.float32, bitcast=True)
+    r = (a + c) - c
+    return tl.where(q < 0, -r, r)
+
+
+@_jit
+def _e4m3(x, s, r, EMU: tl.constexpr):
+    """``(x / s).clamp(-448, 448)`` rounded to E4M3, as float32. ``r`` is RN(1 / s): q0 = x * r
+    is within an ulp of x / s, and one FMA correction makes it the correctly rounded quotient
+    (Markstein); the first clamp keeps the correction finite where x / s overflows."""
+    q = tl.minimum(tl.maximum(x * r, -1024.0), 1024.0)
+    q = tl.fma(tl.fma(-q, s, x), r, q)
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    if EMU:
+        return _round_e4m3(q)
+    return q.to(tl.float8e4nv).to(tl.float32)
+
+
+@_jit
+def _row_amax(ptrs, K, offs_k, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """max |x| over one row of K values (float32)."""
+    a = tl.zeros([1, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.maximum(a, tl.abs(_x_chunk(ptrs, k0, K, offs_k, EVEN_K)))
+    return tl.max(tl.max(a, axis=1), axis=0)
+
+
+@_jit
+def _dyn_scale(amax):
+    """A row's dynamic E4M3 scale: ``max(amax / 448, 1e-12)``, the quotient correctly rounded."""
+    return tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)
+
+
+@_jit
+def _put(y_ptr, y, row, M, rows, n_mask, sym, SCALAR_MASK: tl.constexpr):
+    if SCALAR_MASK:
+        mask = n_mask & (row < M)
+    else:  # the interpreter takes only masks shaped like the pointers
+        mask = n_mask & (tl.zeros_like(rows) + row < M)
+    tl.store(y_ptr + row.to(tl.int64) * sym + rows, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _put_glu(y_ptr, y, row, M, cols, c_mask, sym, HALF: tl.constexpr, SCALAR_MASK: tl.constexpr):
+    """Tile rows alternate gate and up rows: each is rounded to the output dtype (as the
+    product is), then ``silu(gate)`` rounded again and times up, as ``silu_and_mul``."""
+    dt = y_ptr.dtype.element_ty
+    g, u = tl.split(tl.reshape(y, [HALF, 2]))
+    g = g.to(dt).to(tl.float32)
+    u = u.to(dt).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    if SCALAR_MASK:
+        mask = c_mask & (row < M)
+    else:
+        mask = c_mask & (tl.zeros_like(cols) + row < M)
+    tl.store(y_ptr + row.to(tl.int64) * sym + cols, (a * u).to(dt), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 / INT8
+# ----------------------------------------------------------------------------------------------
+
+
+@_jit
+def _q8_decode(w, FP8: tl.constexpr):
+    if FP8:
+        return w.to(tl.float32)
+    # int8 q: the float with bits 0x4B000080 + q is 2^23 + 128 + q exactly
+    return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@_jit
+def _q8_row_out(acc, s, ws, b, FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
+    y = tl.sum(acc, axis=1)
+    if FP8:
+        y = y * s
+    y = y * ws
+    if HAS_BIAS:
+        y += b
+    return y
+
+
+@_jit
+def _q8_gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, is_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym, m_blocks,
+    FP8: tl.constexpr, STATIC: tl.constexpr, MB: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SCALAR_MASK: tl.constexpr = True,
+    EMU: tl.constexpr = False, GLU: tl.constexpr = False, PDL: tl.constexpr = False,
+):
+    pid = tl.program_id(0)
+    m0 = (pid % m_blocks) * MB
+    nb = pid // m_blocks
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past N read row N - 1 and x rows past M read row M - 1; the stores drop them.
+    if GLU:
+        t = tl.arange(0, BLOCK_N)
+        cols = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        wrow = tl.minimum(nb * (BLOCK_N // 2) + t // 2, N - 1) + (t % 2) * N
+    else:
+        rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        wrow = tl.minimum(rows, N - 1)
+    w_ptrs = w_ptr + wrow.to(tl.int64)[:, None] * swn + offs_k[None, :]
+    x0 = x_ptr + m0.to(tl.int64) * sxm + offs_k
+    x1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * sxm + offs_k
+    x2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * sxm + offs_k
+    x3 = x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * sxm + offs_k
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if STAGES > 1:
+        wa = _w_tile(w_ptrs, 0, K, offs_k, EVEN_K, True, SCALAR_MASK)
+    if STAGES > 2:
+        wb = _w_tile(w_ptrs, BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
+    if STAGES > 3:
+        wc = _w_tile(w_ptrs, 2 * BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
+    ws = tl.load(ws_ptr + wrow).to(tl.float32)
+    _gdc_enter(PDL)
+    if FP8:
+        # Each x row's scale and its correctly rounded reciprocal.
+        if STATIC:
+            s0 = tl.load(is_ptr).to(tl.float32)
+            s1 = s0
+            s2 = s0
+            s3 = s0
+        else:
+            s0 = _dyn_scale(_row_amax(x0, K, offs_k, EVEN_K, BLOCK_K))
+            s1 = s0
+            s2 = s0
+            s3 = s0
+            if MB > 1:
+                s1 = _dyn_scale(_row_amax(x1, K, offs_k, EVEN_K, BLOCK_K))
+            if MB > 2:
+                s2 = _dyn_scale(_row_amax(x2, K, offs_k, EVEN_K, BLOCK_K))
+            if MB > 3:
+                s3 = _dyn_scale(_row_amax(x3, K, offs_k, EVEN_K, BLOCK_K))
+        r0 = tl.math.div_rn(1.0, s0)
+        r1 = tl.math.div_rn(1.0, s1)
+        r2 = tl.math.div_rn(1.0, s2)
+        r3 = tl.math.div_rn(1.0, s3)
+    for k0 in range(0, K, BLOCK_K):
+        if STAGES == 1:
+            w = _w_tile(w_ptrs, k0, K, offs_k, EVEN_K, False, SCALAR_MASK)
+        elif STAGES == 2:
+            w = wa
+            wa = _w_tile(w_ptrs, k0 + BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
+        elif STAGES == 3:
+            w = wa
+            wa = wb
+            wb = _w_tile(w_ptrs, k0 + 2 * BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
+        else:
+            w = wa
+            wa = wb
+            wb = wc
+            wc = _w_tile(w_ptrs, k0 + 3 * BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
+        w = _q8_decode(w, FP8)
+        xa = _x_chunk(x0, k0, K, offs_k, EVEN_K)
+        if FP8:
+            xa = _e4m3(xa, s0, r0, EMU)
+        acc0 += w * xa
+        if MB > 1:
+            xa = _x_chunk(x1, k0, K, offs_k, EVEN_K)
+            if FP8:
+                xa = _e4m3(xa, s1, r1, EMU)
+            acc1 += w * xa
+        if MB > 2:
+            xa = _x_chunk(x2, k0, K, offs_k, EVEN_K)
+            if FP8:
+                xa = _e4m3(xa, s2, r2, EMU)
+            acc2 += w * xa
+        if MB > 3:
+            xa = _x_chunk(x3, k0, K, offs_k, EVEN_K)
+            if FP8:
+                xa = _e4m3(xa, s3, r3, EMU)
+            acc3 += w * xa
+
+    if not FP8:
+        s0 = 1.0
+        s1 = 1.0
+        s2 = 1.0
+        s3 = 1.0
+    if GLU:
+        c_mask = cols < N
+        _put_glu(y_ptr, _q8_row_out(acc0, s0, ws, 0.0, FP8, False), m0, M, cols, c_mask, sym, BLOCK_N // 2,
+                 SCALAR_MASK)
+        if MB > 1:
+            _put_glu(y_ptr, _q8_row_out(acc1, s1, ws, 0.0, FP8, False), m0 + 1, M, cols, c_mask, sym,
+                     BLOCK_N // 2, SCALAR_MASK)
+        if MB > 2:
+            _put_glu(y_ptr, _q8_row_out(acc2, s2, ws, 0.0, FP8, False), m0 + 2, M, cols, c_mask, sym,
+                     BLOCK_N // 2, SCALAR_MASK)
+        if MB > 3:
+            _put_glu(y_ptr, _q8_row_out(acc3, s3, ws, 0.0, FP8, False), m0 + 3, M, cols, c_mask, sym,
+                     BLOCK_N // 2, SCALAR_MASK)
+    else:
+        n_mask = rows < N
+        b = 0.0
+        if HAS_BIAS:
+            b = tl.load(b_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+        _put(y_ptr, _q8_row_out(acc0, s0, ws, b, FP8, HAS_BIAS), m0, M, rows, n_mask, sym, SCALAR_MASK)
+        if MB > 1:
+            _put(y_ptr, _q8_row_out(acc1, s1, ws, b, FP8, HAS_BIAS), m0 + 1, M, rows, n_mask, sym, SCALAR_MASK)
+        if MB > 2:
+            _put(y_ptr, _q8_row_out(acc2, s2, ws, b, FP8, HAS_BIAS), m0 + 2, M, rows, n_mask, sym, SCALAR_MASK)
+        if MB > 3:
+            _put(y_ptr, _q8_row_out(acc3, s3, ws, b, FP8, HAS_BIAS), m0 + 3, M, rows, n_mask, sym, SCALAR_MASK)
+
+
+# ----------------------------------------------------------------------------------------------
+# INT4
+# ----------------------------------------------------------------------------------------------
+
+
+@_jit
+def _q4_tiles(q_ptrs, s_ptrs, z_ptrs, k0, K, G: tl.constexpr, offs_b, offs_g, EVEN_K: tl.constexpr,
+              GUARD: tl.constexpr, SCALAR_MASK: tl.constexpr):
+    """The packed bytes, group scales and zero points of the chunk at column k0 (raw, so that
+    a load issued ahead is not waited on until its use)."""
+    w = _w_tile(q_ptrs, k0 // 2, K // 2, offs_b, EVEN_K, GUARD, SCALAR_MASK)
+    s = _w_tile(s_ptrs, k0 // G, K // G, offs_g, EVEN_K, GUARD, SCALAR_MASK)
+    z = _w_tile(z_ptrs, k0 // G, K // G, offs_g, EVEN_K, GUARD, SCALAR_MASK)
+    return w, s, z
+
+
+@_jit
+def _q4_dequant(w, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GPC: tl.constexpr, GE: tl.constexpr):
+    """Packed bytes [BLOCK_N, BLOCK_K / 2] -> exact ``q - zero`` [BLOCK_N, GPC, GE] in float32,
+    columns in stored order (the low nibble of byte j is column 2j)."""
+    p = w.to(tl.int32)
+    q = tl.reshape(tl.join(p & 15, p >> 4), [BLOCK_N, BLOCK_K])
+    qf = (q | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q
+    zc = z.to(tl.float32) + 8388608.0  # 2^23 + zero
+    return tl.reshape(qf, [BLOCK_N, GPC, GE]) - zc[:, :, None]
+
+
+@_jit
+def _q4_dot(d, x, s, GPC: tl.constexpr, GE: tl.constexpr):
+    """sum over the chunk of (q - z) * x, group by group, each group's sum times its scale."""
+    part = tl.sum(d * tl.reshape(x, [1, GPC, GE]), axis=2)
+    return tl.sum(part * s.to(tl.float32), axis=1)
+
+
+@_jit
+def _q4_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, sxm, sqn, ssn, szn, sym, m_blocks,
+    G: tl.constexpr, GPC: tl.constexpr, GE: tl.constexpr, MB: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    SCALAR_MASK: tl.constexpr = True, GLU: tl.constexpr = False, PDL: tl.constexpr = False,
+):
+    pid = tl.program_id(0)
+    m0 = (pid % m_blocks) * MB
+    nb = pid // m_blocks
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_b = tl.arange(0, BLOCK_K // 2)
+    offs_g = tl.arange(0, GPC)
+    if GLU:
+        t = tl.arange(0, BLOCK_N)
+        cols = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        wrow = tl.minimum(nb * (BLOCK_N // 2) + t // 2, N - 1) + (t % 2) * N
+    else:
+        rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        wrow = tl.minimum(rows, N - 1)
+    wrow64 = wrow.to(tl.int64)
+    q_ptrs = q_ptr + wrow64[:, None] * sqn + offs_b[None, :]
+    s_ptrs = s_ptr + wrow64[:, None] * ssn + offs_g[None, :]
+    z_ptrs = z_ptr + wrow64[:, None] * szn + offs_g[None, :]
+    x0 = x_ptr + m0.to(tl.int64) * sxm + offs_k
+    x1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * sxm + offs_k
+    x2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * sxm + offs_k
+    x3 = x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * sxm + offs_k
+    acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if STAGES > 1:
+        wa, sa, za = _q4_tiles(q_ptrs, s_ptrs, z_ptrs, 0, K, G, offs_b, offs_g, EVEN_K, True, SCALAR_MASK)
+    if STAGES > 2:
+        wb, sb, zb = _q4_tiles(q_ptrs, s_ptrs, z_ptrs, BLOCK_K, K, G, offs_b, offs_g, EVEN_K, True, SCALAR_MASK)
+    _gdc_enter(PDL)
+    for k0 in range(0, K, BLOCK_K):
+        if STAGES == 1:
+            w, s, z = _q4_tiles(q_ptrs, s_ptrs, z_ptrs, k0, K, G, offs_b, offs_g, EVEN_K, False, SCALAR_MASK)
+        elif STAGES == 2:
+            w, s, z = wa, sa, za
+            wa, sa, za = _q4_tiles(q_ptrs, s_ptrs, z_ptrs, k0 + BLOCK_K, K, G, offs_b, offs_g, EVEN_K, True,
+                                   SCALAR_MASK)
+        else:
+            w, s, z = wa, sa, za
+            wa, sa, za = wb, sb, zb
+            wb, sb, zb = _q4_tiles(q_ptrs, s_ptrs, z_ptrs, k0 + 2 * BLOCK_K, K, G, offs_b, offs_g, EVEN_K, True,
+                                   SCALAR_MASK)
+        d = _q4_dequant(w, z, BLOCK_N, BLOCK_K, GPC, GE)
+        acc0 += _q4_dot(d, _x_chunk(x0, k0, K, offs_k, EVEN_K), s, GPC, GE)
+        if MB > 1:
+            acc1 += _q4_dot(d, _x_chunk(x1, k0, K, offs_k, EVEN_K), s, GPC, GE)
+        if MB > 2:
+            acc2 += _q4_dot(d, _x_chunk(x2, k0, K, offs_k, EVEN_K), s, GPC, GE)
+        if MB > 3:
+            acc3 += _q4_dot(d, _x_chunk(x3, k0, K, offs_k, EVEN_K), s, GPC, GE)
+
+    if GLU:
+        c_mask = cols < N
+        _put_glu(y_ptr, acc0, m0, M, cols, c_mask, sym, BLOCK_N // 2, SCALAR_MASK)
+        if MB > 1:
+            _put_glu(y_ptr, acc1, m0 + 1, M, cols, c_mask, sym, BLOCK_N // 2, SCALAR_MASK)
+        if MB > 2:
+            _put_glu(y_ptr, acc2, m0 + 2, M, cols, c_mask, sym, BLOCK_N // 2, SCALAR_MASK)
+        if MB > 3:
+            _put_glu(y_ptr, acc3, m0 + 3, M, cols, c_mask, sym, BLOCK_N // 2, SCALAR_MASK)
+    else:
+        n_mask = rows < N
+        if HAS_BIAS:
+            b = tl.load(b_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+            acc0 += b
+            acc1 += b
+            acc2 += b
+            acc3 += b
+        _put(y_ptr, acc0, m0, M, rows, n_mask, sym, SCALAR_MASK)
+        if MB > 1:
+            _put(y_ptr, acc1, m0 + 1, M, rows, n_mask, sym, SCALAR_MASK)
+        if MB > 2:
+            _put(y_ptr, acc2, m0 + 2, M, rows, n_mask, sym, SCALAR_MASK)
+        if MB > 3:
+            _put(y_ptr, acc3, m0 + 3, M, rows, n_mask, sym, SCALAR_MASK)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _prep(x, n_rows, bn, glu, bias, out):
+    m = x.shape[0]
+    n = n_rows
+    if glu:
+        assert bias is None and n % 2 == 0 and bn >= 2, "glu takes an even gate/up weight, no bias, block_n >= 2"
+        n //= 2
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n) and out.stride(1) == 1
+    return m, n, out
+
+
+def q8_gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, config: GemvConfig, *, fp8: bool,
+            input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None, glu: bool = False,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """``fp8_linear_ref`` (``fp8``: w float8_e4m3fn, activations quantized per row, or with the
+    static ``input_scale`` [1]) or ``int8_linear_ref`` (w int8) of x [M, K] and w [N, K] with the
+    float32 per-row scale ``w_scale`` [N], by the Triton kernel with ``config``. x and w need unit
+    stride along K; returns (or fills) out [M, N] in x's dtype (with ``glu``: [M, N / 2],
+    ``silu(gate) * up`` of the fused gate/up weight, no bias)."""
+    assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], (x.shape, w.shape)
+    assert x.stride(1) == 1 and w.stride(1) == 1 and w_scale.is_contiguous()
+    assert w.dtype == (torch.float8_e4m3fn if fp8 else torch.int8), w.dtype
+    bn, bk, warps, stages, rows = config
+    m, n, out = _prep(x, w.shape[0], bn, glu, bias, out)
+    if m == 0 or n == 0:
+        return out
+    k = x.shape[1]
+    mb = min(m, rows, MAX_ROWS)
+    m_blocks = triton_ops._cdiv(m, mb)
+    grid = (triton_ops._cdiv(n, bn // 2 if glu else bn) * m_blocks,)
+    static = fp8 and input_scale is not None
+    _q8_gemv_kernel[grid](
+        x, w, w_scale, input_scale if static else w_scale, bias if bias is not None else w_scale, out,
+        m, n, k, x.stride(0), w.stride(0), out.stride(0), m_blocks,
+        FP8=fp8, STATIC=static, MB=mb, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
+        STAGES=stages, SCALAR_MASK=not _interpreting(), EMU=_interpreting(), GLU=glu, num_warps=warps,
+        num_stages=1, **triton_ops.launch_opts(x),
+    )
+    return out
+
+
+def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, group_size: int,
+            config: GemvConfig, bias: torch.Tensor | None = None, glu: bool = False,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """``int4_linear_ref`` (without ``input_perm``: apply it to x first) of x [M, K] by the
+    Triton kernel with ``config``: qweight [N, K/2] uint8, scales [N, K/G], qzeros [N, K/G]
+    uint8. ``group_fits(config.block_k, group_size)`` must hold."""
+    assert x.dim() == 2 and qweight.dim() == 2 and 2 * qweight.shape[1] == x.shape[1], (x.shape, qweight.shape)
+    assert x.stride(1) == 1 and qweight.stride(1) == 1 and scales.stride(1) == 1 and qzeros.stride(1) == 1
+    assert qweight.dtype == torch.uint8 and qzeros.dtype == torch.uint8
+    bn, bk, warps, stages, rows = config
+    g = int(group_size)
+    k = x.shape[1]
+    assert k % g == 0 and group_fits(bk, g), (k, g, bk)
+    m, n, out = _prep(x, qweight.shape[0], bn, glu, bias, out)
+    if m == 0 or n == 0:
+        return out
+    ge = min(bk, g)
+    mb = min(m, rows, MAX_ROWS)
+    m_blocks = triton_ops._cdiv(m, mb)
+    grid = (triton_ops._cdiv(n, bn // 2 if glu else bn) * m_blocks,)
+    _q4_gemv_kernel[grid](
+        x, qweight, scales, qzeros, bias if bias is not None else scales, out, m, n, k,
+        x.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), out.stride(0), m_blocks,
+        G=g, GPC=bk // ge, GE=ge, MB=mb, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, BLOCK_N=bn,
+        BLOCK_K=bk, STAGES=min(stages, 3), SCALAR_MASK=not _interpreting(), GLU=glu, num_warps=warps,
+        num_stages=1, **triton_ops.launch_opts(x),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+
+
+def group_fits(block_k: int, group_size: int) -> bool:
+    """Whether a chunk of ``block_k`` columns holds whole groups (a power-of-two group size) or
+    lies inside one group."""
+    g = int(group_size)
+    return g > 0 and (g % block_k == 0 or (block_k % g == 0 and g & (g - 1) == 0))
+
+
+def _rows_useful(c: GemvConfig, m: int) -> bool:
+    return c.rows == 1 or c.rows < 2 * max(int(m), 1)
+
+
+def q8_fits(c: GemvConfig, m: int) -> bool:
+    """1-byte weights: every thread loads at least one 16-byte vector of each tile, the float32
+    accumulators of ``min(M, rows)`` x rows take at most 128 registers a thread, those plus the
+    tiles in flight at most 168."""
+    threads = 32 * c.num_warps
+    tile = c.block_n * c.block_k
+    if not _rows_useful(c, m) or tile < 16 * threads or c.num_stages > 4:
+        return False
+    acc = min(max(int(m), 1), c.rows, MAX_ROWS) * tile // threads
+    return acc <= 128 and acc + c.num_stages * tile // (4 * threads) <= 168
+
+
+def q4_fits(c: GemvConfig, m: int, group_size: int) -> bool:
+    """Half-byte weights: whole groups (or a part of one) per chunk, at least one 16-byte vector
+    a thread per tile, at most 64 float32 values of the dequantized tile a thread, at most 3
+    tiles in flight taking at most 32 registers."""
+    threads = 32 * c.num_warps
+    tile = c.block_n * c.block_k
+    return (_rows_useful(c, m) and group_fits(c.block_k, group_size) and tile // 2 >= 16 * threads
+            and tile // threads <= 64 and c.num_stages <= 3 and c.num_stages * tile // (8 * threads) <= 32)
+
+
+def _cfgs(rows_lists):
+    return [GemvConfig(bn, bk, w, s, r) for r, lst in rows_lists.items() for bn, bk, w, s in lst]
+
+
+# Hand-picked starting points (not measured on a GPU yet): tiles of 4-16 KB per stage for one
+# x row, smaller ones where several rows share a tile. ``tune`` times those that fit.
+Q8_CONFIGS = _cfgs({
+    1: [(2, 4096, 4, 1), (4, 4096, 4, 1), (4, 2048, 4, 1), (4, 2048, 4, 2), (8, 2048, 4, 1), (8, 2048, 8, 2),
+        (8, 1024, 4, 2), (16, 1024, 8, 1), (16, 2048, 8, 1), (32, 512, 8, 2)],
+    2: [(4, 2048, 4, 1), (4, 2048, 8, 2), (8, 1024, 4, 1), (8, 1024, 4, 2), (16, 512, 4, 2)],
+    4: [(4, 1024, 4, 1), (4, 2048, 8, 1), (8, 512, 4, 2), (8, 1024, 8, 1), (16, 512, 8, 1)],
+})
+Q4_CONFIGS = _cfgs({
+    1: [(2, 4096, 4, 1), (4, 2048, 4, 1), (4, 2048, 4, 2), (4, 4096, 8, 1), (8, 1024, 4, 1), (8, 1024, 4, 2),
+        (8, 2048, 8, 1), (16, 1024, 8, 1), (16, 512, 4, 2), (4, 1024, 4, 2)],
+    2: [(4, 1024, 4, 1), (4, 2048, 8, 1), (8, 1024, 4, 1), (8, 512, 4, 2), (4, 2048, 4, 2)],
+    4: [(4, 1024, 4, 1), (8, 512, 4, 1), (4, 2048, 8, 1), (8, 1024, 8, 2), (16, 512, 8, 1)],
+})
+
+
+def _all(block_ks, stages):
+    return [GemvConfig(n, k, w, s, r) for r in (1, 2, 4) for n in (2, 4, 8, 16, 32) for k in block_ks
+            for w in (4, 8) for s in stages]
+
+
+def q8_configs(m: int, full: bool = False) -> list[GemvConfig]:
+    """The FP8/INT8 GEMV configs ``tune`` tries for M rows (``full``: every one that fits)."""
+    src = _all((256, 512, 1024, 2048, 4096), (1, 2, 3, 4)) if full else Q8_CONFIGS
+    return [c for c in src if q8_fits(c, m)]
+
+
+def q4_configs(m: int, group_size: int, full: bool = False) -> list[GemvConfig]:
+    """The INT4 GEMV configs ``tune`` tries for M rows and this group size."""
+    src = _all((128, 256, 512, 1024, 2048, 4096), (1, 2, 3)) if full else Q4_CONFIGS
+    return [c for c in src if q4_fits(c, m, group_size)]

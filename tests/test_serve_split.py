@@ -1,0 +1,209 @@
+"""`kiln serve` as processes: the engine core apart from the API servers.
+
+The wire carries every field of the outputs; the engine core and the API servers start and stop
+together (SIGTERM drains all, exit 0, nothing left running); two API servers share one port and
+one core and both answer; a killed engine core turns /health and every request into a 503 with
+OpenAI's error body within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from kiln.launch import core_wire as w
+from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from server_helpers import free_port, metric, wait_health
+
+
+# --- the wire ------------------------------------------------------------------------------------------
+def test_wire_schema_names_every_output_field():
+    assert w.check_schema() == []
+
+
+def _snapshots():
+    """Successive states of one request with two completions, as the engine reports them."""
+    outs = []
+    for step in range(1, 5):
+        comps = []
+        for i in range(2):
+            n = step + i
+            comps.append(CompletionOutput(
+                index=i, text="ab" * n, token_ids=list(range(10, 10 + n)), cumulative_logprob=-0.5 * n,
+                logprobs=[{10 + j: Logprob(-0.1 * j, 1, None), 99: Logprob(-3.0, None, None)} for j in range(n)],
+                finish_reason="length" if step == 4 else None, stop_reason=None))
+        plp = [None] + [{5: Logprob(-1.0, 2, "x")}] * min(step, 2)
+        outs.append(RequestOutput("r1", None, [1, 2, 3], comps, finished=step == 4, num_cached_tokens=step,
+                                  metrics={"arrival": 1.0, "first_token": 2.0}, prompt_logprobs=plp))
+    return outs
+
+
+def test_wire_deltas_rebuild_every_snapshot():
+    enc = w.OutputEncoder()
+    req_state, seq_state = {}, {}
+    sizes = []
+    for out in _snapshots():
+        frame = w.unpack(w.pack([w.STEP, [enc.encode(out)], {}]))
+        sizes.append(len(w.pack(frame)))
+        rid, req_values, comps = frame[1][0]
+        assert rid == "r1"
+        w.apply_fields(req_state, req_values, w.REQUEST_WIRE)
+        for index, values in comps:
+            w.apply_fields(seq_state.setdefault(index, {}), values, w.COMPLETION_WIRE)
+        rebuilt = w.build(RequestOutput, dict(req_state, request_id=rid, prompt=None, prompt_token_ids=[1, 2, 3], outputs=[
+            w.build(CompletionOutput, dict(seq_state[i], index=i)) for i in sorted(seq_state)]))
+        assert rebuilt == out
+    assert len(enc) == 0  # a finished request leaves no state behind
+    assert sizes[-1] < sizes[0] * 2  # deltas, not whole histories
+
+
+# --- the processes ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from kiln.runtime.builder import build_engine
+    from kiln.runtime.config import BuildConfig
+
+    out = str(tmp_path_factory.mktemp("split") / "tiny")
+    return build_engine("tiny-llama", out, BuildConfig(dtype="float32", max_seq_len=256), random_weights=True,
+                        device_class="cpu", progress=False)
+
+
+def _serve(engine: str, log_path: str, *extra: str):
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.launch.cli", "serve", engine, "--port", str(port), *extra],
+                            stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _tree(pid: int) -> dict[str, list[int]]:
+    from kiln.launch.ray_launcher import descendants
+
+    roles: dict[str, list[int]] = {"core": [], "api": []}
+    for p in descendants(pid):
+        try:
+            cmd = open(f"/proc/{p}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"kiln.launch.engine_core" in cmd:
+            roles["core"].append(p)
+        elif b"kiln.launch.api_server" in cmd:
+            roles["api"].append(p)
+    return roles
+
+
+def _running(pid: int) -> bool:
+    from kiln.launch.procs import alive
+
+    return alive(pid)
+
+
+def _stop(proc) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _completion(url: str, **body) -> httpx.Response:
+    body = {"prompt": "Hello there", "max_tokens": 4, "temperature": 0, "ignore_eos": True, **body}
+    return httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_two_api_servers_share_a_core_and_stop_together(tiny, tmp_path):
+    proc, url = _serve(tiny, str(tmp_path / "log"), "--api-server-count", "2", "--grace-period", "5")
+    try:
+        wait_health(url, timeout=180, proc=proc)
+        tree = _tree(proc.pid)
+        assert len(tree["core"]) == 1 and len(tree["api"]) == 2, tree
+        seen: dict[str, int] = {}
+        results = []
+
+        def hit(i):
+            r = _completion(url, prompt=f"Request {i} says")
+            results.append(r)
+
+        for _ in range(6):  # concurrent waves: a busy API server leaves the next connection to the other
+            threads = [threading.Thread(target=hit, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for r in results:
+                seen[r.headers["x-kiln-api-server"]] = seen.get(r.headers["x-kiln-api-server"], 0) + 1
+            results_ok = all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4 for r in results)
+            assert results_ok, [r.text[:200] for r in results]
+            if len(seen) == 2:
+                break
+            results.clear()
+        assert set(seen) == {"0", "1"}, seen
+        # Both processes' counters are summed on every scrape, whichever process answers it.
+        served = sum(seen.values())
+        for _ in range(4):
+            text = httpx.get(url + "/metrics", timeout=10).text
+            assert metric(text, "kiln_request_success_total", 'finish_reason="length"') == served
+            assert metric(text, "kiln_kv_blocks_free") > 0
+
+        with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                          json={"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            events = [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        rc = proc.wait(timeout=30)
+        assert rc == 0, open(tmp_path / "log").read()[-3000:]
+        assert time.monotonic() - t0 < 20
+        left = [p for p in [*tree["core"], *tree["api"]] if _running(p)]
+        assert not left, left
+        log = open(tmp_path / "log").read()
+        for role in ("proc=main", "proc=core", "proc=api0", "proc=api1"):
+            assert role in log, role
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_killed_engine_core_gives_503(tiny, tmp_path):
+    proc, url = _serve(tiny, str(tmp_path / "log"), "--grace-period", "3")
+    try:
+        wait_health(url, timeout=180, proc=proc)
+        tree = _tree(proc.pid)
+        core = tree["core"][0]
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                          json={"prompt": "long", "max_tokens": 240, "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            t0 = time.monotonic()
+            os.kill(core, signal.SIGKILL)
+            events = [line for line in lines if line.startswith("data: ")]
+        assert time.monotonic() - t0 < 5
+        assert events[-1] == "data: [DONE]"
+        err = json.loads(events[-2][6:])["error"]
+        assert err["code"] == "engine_dead" and set(err) == {"message", "type", "param", "code"}
+        h = httpx.get(url + "/health", timeout=5)
+        assert h.status_code == 503 and h.json()["status"] == "dead"
+        for stream in (False, True):
+            r = _completion(url, stream=stream)
+            assert r.status_code == 503, r.text
+            body = r.json()["error"]
+            assert set(body) == {"message", "type", "param", "code"} and body["message"]
+        assert time.monotonic() - t0 < 10
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 1  # the engine core had failed
+        left = [p for p in tree["api"] if _running(p)]
+        assert not left, left
+    finally:
+        _stop(proc)
