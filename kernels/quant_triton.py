@@ -303,7 +303,7 @@ def _int4_call(x, qweight, scales, qzeros, group_size, input_perm, bias, glu):
     ok = (_usable(x, qweight, scales, qzeros) and qweight.dtype == torch.uint8 and qzeros.dtype == torch.uint8
           and _bias_ok(bias) and k % g == 0 and 2 * qweight.shape[1] == k)
     kind, cfg = choose("int4-glu" if glu else "int4", m, n, k, x.dtype, g, bias is not None) if ok else ("torch", None)
-    if kind == "gemv" and not group_fits(cfg.block_k, g):
+    if (kind == "gemv" and not group_fits(cfg.block_k, g)) or (kind == "gemm" and g % cfg.block_k):
         kind, cfg = "torch", None
     if kind == "torch" and glu:
         return quant.int4_linear_silu_mul_ref(x, qweight, scales, qzeros, g)

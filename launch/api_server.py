@@ -66,11 +66,13 @@ class DrainingServer(_ServerBase):
     503, requests in flight get ``grace_period`` seconds, the rest are aborted; then it exits.
     A second signal exits at once. The engine client starts with the server and closes with it."""
 
-    def __init__(self, config, state, grace_period: float, signals=(signal.SIGINT, signal.SIGTERM)):
+    def __init__(self, config, state, grace_period: float, signals=(signal.SIGINT, signal.SIGTERM),
+                 accept_when_ready: bool = False):
         super().__init__(config)
         self.kiln_state = state
         self.grace_period = grace_period
         self.signals = signals
+        self.accept_when_ready = accept_when_ready
         self._drain_task = None
         self._loop = None
 
@@ -91,6 +93,11 @@ class DrainingServer(_ServerBase):
         start = getattr(self.kiln_state.engine, "start", None)
         if start is not None:
             await start()
+        if self.accept_when_ready:
+            # Connections wait in the shared socket's queue for the API servers that are ready.
+            eng = self.kiln_state.engine
+            while getattr(eng, "loading", False) and not self.should_exit:
+                await asyncio.sleep(0.05)
         await super().startup(sockets=sockets)
 
     async def shutdown(self, sockets=None):
@@ -147,6 +154,7 @@ def run_api_server(cfg: dict) -> int:
                     api_server=index)
     server = make_server(app, cfg.get("host", "127.0.0.1"), int(cfg.get("port", 0)), float(cfg.get("grace_period", 30.0)))
     server.signals = (signal.SIGTERM,)
+    server.accept_when_ready = index > 0  # the first answers 503 while the core loads; the others join when ready
     try:
         server.run(sockets=[sock])
     finally:

@@ -56,7 +56,7 @@ from kiln.kernels.activation import silu_and_mul_ref
 from kiln.kernels.attention import AttentionMetadata, paged_attention, rotary_write_kv
 from kiln.kernels.gemv import linear
 from kiln.kernels.norm import rms_norm
-from kiln.kernels.quant import dequantize_int4, fake_quant_int4, int4_group_params, quantize_int4
+from kiln.kernels.quant import int4_group_params
 from kiln.kernels.rotary import cos_sin_cache
 from kiln.parallel.mapping import Mapping
 from kiln.parallel.partition import ReadOnce, rank_slice
@@ -294,6 +294,21 @@ def v_row_scales(s_o: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return s_o.view(nkv, -1, d)[:, 0].reshape(-1)
 
 
+def fake_quant(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float16,
+               scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """``kiln.kernels.quant.fake_quant_int4`` (with ``scales``/``zeros``: the round trip through
+    ``quantize_int4(w, ..., scales, zeros)``), the same float32 operations in the same order but
+    on [N, K/G, G] views, without expanding the group parameters or packing nibbles: the
+    searches call it dozens of times per projection."""
+    if scales is None or zeros is None:
+        scales, zeros = int4_group_params(w, group_size, scale_dtype)
+    n, k = w.shape
+    sc = scales.float()[..., None]
+    z = zeros.float()[..., None]
+    q = torch.round(w.float().view(n, k // group_size, group_size) / sc + z).clamp_(0, 15)
+    return ((q - z) * sc).view(n, k)
+
+
 def search_scales(x: torch.Tensor, x_mean: torch.Tensor, w: torch.Tensor, group_size: int,
                   scale_dtype: torch.dtype = torch.float16, grid: int = SCALE_GRID) -> tuple[torch.Tensor, float, float]:
     """AWQ's scale search for one group of projections sharing the input ``x`` [T, K] (float32;
@@ -307,7 +322,7 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, w: torch.Tensor, group_
     for i in range(grid):
         s = base.pow(i / grid)
         s = s / (s.max() * s.min()).sqrt()
-        wq = fake_quant_int4(w * s, group_size, scale_dtype)
+        wq = fake_quant(w * s, group_size, scale_dtype)
         err = float((x @ (wq / s - w).t()).square().sum())  # (x / s) @ wq.T - x @ w.T
         if rtn is None:
             rtn = best = err
@@ -347,7 +362,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, group_size: int, scale_dtype: 
     for i in range(int(grid * max_shrink)):
         c = amax * (1 - i / grid)
         scales, zeros = clip_int4_params(w, c, group_size, scale_dtype)
-        wq = dequantize_int4(*quantize_int4(w, group_size, scale_dtype, scales, zeros), group_size)
+        wq = fake_quant(w, group_size, scale_dtype, scales, zeros)
         d = (wq - w).view(n, ng, group_size).transpose(0, 1)  # [ng, N, G]
         err = ((d @ gram) * d).sum(-1).t()
         better = err < best_err

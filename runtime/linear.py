@@ -77,9 +77,17 @@ class Projection(nn.Module):
         """``silu(gate) * up`` of a fused gate/up projection (gate rows first, then up rows)."""
         if self.method == "none":
             return linear_silu_mul(x, self.weight)
-        fused = getattr(q, "linear_silu_mul", None)
-        if fused is not None and x.is_cuda:
-            return fused(self, x)
+        if x.is_cuda:
+            from kiln.kernels import quant_triton as qt
+
+            x2 = x.reshape(-1, x.shape[-1])
+            if self.method == "fp8":
+                y = qt.fp8_linear_silu_mul(x2, self.weight, self.weight_scale, self.input_scale)
+            elif self.method == "int8-weight":
+                y = qt.int8_linear_silu_mul(x2, self.weight, self.weight_scale)
+            else:
+                y = qt.int4_linear_silu_mul(x2, self.qweight, self.scales, self.qzeros, self.quant.group_size, self.input_perm)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         return silu_and_mul(self(x))
 
     def weight_bytes(self) -> int:

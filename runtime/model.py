@@ -268,16 +268,27 @@ class DecoderModel(nn.Module):
         torch.cuda.empty_cache()
         return rows
 
-    def prepare_quantized(self, max_m: int | None = None) -> list[dict]:
-        """On a GPU, chooses and compiles the kernels of the quantized projections for each of
-        their shapes at every row count a step can bring (``kiln.kernels.quant_triton``)."""
+    def prepare_quantized(self, tune_m=(1, 2, 4, 64, 256), warm_m=(1, 2, 3, 4, 5, 8, 16, 64, 256)) -> list[dict]:
+        """On a GPU, chooses (by timing, at the row counts ``tune_m``) and compiles (at ``warm_m``)
+        the kernels of the quantized projections for each of their shapes
+        (``kiln.kernels.quant_triton``): nothing compiles on a request's path."""
         dev = next(self.parameters()).device
-        if self.quant.method == "none" or dev.type != "cuda":
+        q = self.quant
+        if q.method == "none" or dev.type != "cuda":
             return []
         from kiln.kernels import quant_triton
 
-        shapes = sorted({(p.out_features, p.in_features) for p in self.modules() if isinstance(p, Projection)})
-        return quant_triton.prepare(self.quant, shapes, dtype=self.dtype, device=dev, max_m=max_m)
+        op = {"fp8": "fp8-static" if q.static_activations else "fp8", "int8-weight": "int8", "int4": "int4"}[q.method]
+        specs = set()
+        for name, p in self.named_modules():
+            if isinstance(p, Projection):
+                glu = name.endswith("gate_up_proj")
+                specs.add((f"{op}-glu" if glu else op, p.out_features, p.in_features) + ((q.group_size,) if op == "int4" else ()))
+        specs = sorted(specs)
+        rows = quant_triton.tune(specs, self.dtype, dev, m_values=tune_m)
+        quant_triton.warmup(specs, self.dtype, dev, m_values=warm_m, bias="both" if self.cfg.attention_bias else False)
+        torch.cuda.empty_cache()
+        return rows
 
     def engine_state_names(self) -> set[str]:
         """The tensor names this rank's weights file must hold (a tied LM head is stored once)."""

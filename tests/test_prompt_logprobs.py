@@ -163,17 +163,15 @@ def test_tensor_and_pipeline_parallel(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def client(tiny):
-    """The OpenAI client on a server over its own engine (``llm`` keeps stepping its engine here)."""
+    """The OpenAI client on a test server whose API side talks to an engine core process, as
+    ``kiln serve`` runs (prompt logprobs cross the core's wire format)."""
     from kiln.launch.server import build_app
-    from kiln.runtime.async_engine import AsyncEngine
 
-    from server_helpers import ServerThread
+    from server_helpers import ServerThread, shared
 
-    ae = AsyncEngine(LLMEngine(tiny[0], max_num_tokens=16))
-    app = build_app(ae, model_name="tiny", max_body_bytes=1 << 20)
+    app = build_app(shared(tiny[0]).client(), model_name="tiny", max_body_bytes=1 << 20)
     with ServerThread(app) as srv:
         yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=60)
-    ae.shutdown()
 
 
 def test_openai_echo_logprobs(tiny, llm, client):

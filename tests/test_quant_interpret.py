@@ -358,3 +358,94 @@ def test_configs_respect_limits():
     assert gemm_configs(64, "int4", 16) == []
     assert GemmConfig.parse(GemmConfig(64, 128, 64, 4, 4).name) == GemmConfig(64, 128, 64, 4, 4, 8)
     assert qt.default_gemv("int4", 1, 14336) is not None and qt.default_gemm("int4", 64, 16) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The tuner's plumbing on CPU tensors (its CUDA-graph timer replaced by a stub)
+# ----------------------------------------------------------------------------------------------
+
+
+def _small_tensors(op, n, k, g, dtype):
+    from kiln.kernels import quant_tune
+
+    t = quant_tune.make_weights(op, n, k, g, dtype, "cpu", torch.Generator().manual_seed(5))
+    if g:
+        t["group_size"] = g
+    return t
+
+
+@in_child
+@pytest.mark.parametrize("op", ["fp8", "fp8-static", "int8", "int4", "fp8-glu", "int8-glu", "int4-glu"])
+def test_run_every_kind(op):
+    """quant_tune.run / reference for each kind the tuner can choose (all but scaled_mm, which
+    needs CUDA), on CPU tensors through the interpreted kernels."""
+    from kiln.kernels import quant_tune
+
+    fmt, g = qt.fmt_of(op), 64 if "int4" in op else 0
+    n, k = (48, 192)
+    t = _small_tensors(op, n, k, g, BF)
+    for m in (2, 17):
+        x = _randn(m, k, dtype=BF, seed=90 + m)
+        xs = torch.tensor([quant.fp8_input_scale(x.abs().max().item())]) if "static" in op else None
+        ref = quant_tune.reference(op, x, t, xs).float()
+        kinds = [("gemv", GemvConfig(4, 64, 4, 2, 2)), ("torch", None)]
+        kinds += [("unfused", None)] if op.endswith("-glu") else [("gemm", GemmConfig(16, 16, 32, 4, 2))]
+        for kind, cfg in kinds:
+            _check(quant_tune.run(op, kind, cfg, x, t, xs), ref, BF, casts=2 if op.endswith("-glu") else 1)
+    assert torch.equal(quant_tune.dispatch(op, x, t, xs), ref.to(BF))  # CPU tensors: the reference
+
+
+@in_child
+def test_tune_spec_records_the_fastest(monkeypatch):
+    """_tune_spec on the CPU with a stub timer: every candidate is checked against the
+    reference, the fastest kept in the table, and rows carry the documented fields."""
+    from kiln.kernels import quant_tune
+
+    fake_us = {}
+
+    def fake_time(fns, reps):
+        for f in fns:
+            f()
+        return fake_us.setdefault(len(fake_us), 10.0 + (len(fake_us) * 7) % 5)
+
+    cands = [("gemv", GemvConfig(4, 64, 4, 1, 1)), ("gemv", GemvConfig(8, 64, 4, 2, 2)),
+             ("gemm", GemmConfig(16, 16, 64, 4, 2))]
+    monkeypatch.setattr(quant_tune, "_time_calls", fake_time)
+    monkeypatch.setattr(quant_tune, "candidates", lambda op, m, dtype, g, full=False: cands)
+    saved = qt.tuned_table()
+    try:
+        qt.clear_table()
+        rows = quant_tune._tune_spec("int8", 40, 128, 0, BF, "cpu", torch.Generator().manual_seed(0), (1, 20),
+                                     False, 1, 1 << 10, False, False)
+        assert [r["shape"] for r in rows] == [[1, 40, 128], [20, 40, 128]]
+        for r in rows:
+            assert r["configs_timed"] == 3 and r["weight_copies"] >= 2
+            assert r["us"] == min(r["gemv_us"], r["gemm_us"])
+            assert qt.choice_name(*qt.choose("int8", r["shape"][0], 40, 128, BF)) == r["choice"]
+        assert qt.tuned_table() == rows
+    finally:
+        qt.clear_table()
+        qt.load_table(saved)
+
+
+def test_candidates_and_specs():
+    from kiln.kernels import quant_tune
+
+    assert quant_tune.parse_spec(("int4", 4096, 4096, 128)) == ("int4", 4096, 4096, 128)
+    assert quant_tune.parse_spec(("fp8-static-glu", 28672, 4096)) == ("fp8-static-glu", 28672, 4096, 0)
+    with pytest.raises(ValueError):
+        quant_tune.parse_spec(("int4", 4096, 4096))
+    with pytest.raises(ValueError):
+        quant_tune.parse_spec(("nf4", 4096, 4096))
+    kinds = lambda *a: {kind for kind, _ in quant_tune.candidates(*a)}  # noqa: E731
+    assert kinds("int8", 1, BF, 0) == {"gemv"}
+    assert kinds("int8", 8, BF, 0) == {"gemv", "gemm"}
+    assert kinds("int8", 64, F32, 0) == set()
+    assert kinds("int4-glu", 64, BF, 128) == {"unfused"}
+    assert kinds("int4-glu", 2, BF, 128) == {"gemv", "unfused"}
+    qt.record_scaled_mm(BF, False, True)
+    try:
+        assert "scaled_mm" in kinds("fp8", 64, BF, 0) and "scaled_mm" not in kinds("fp8", 64, FP16, 0)
+    finally:
+        qt._SCALED_MM_OK.clear()
+        qt._DEFAULT.clear()

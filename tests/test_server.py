@@ -213,3 +213,38 @@ def test_timeout_aborts_request(env):
         while core.stats()["kv_blocks_used"] and time.monotonic() < end:
             time.sleep(0.1)
         assert core.stats()["kv_blocks_used"] == 0
+
+
+def test_penalized_request_in_a_greedy_batch_keeps_every_output(env):
+    """A request with repetition_penalty makes the engine wait for every step's tokens; batched
+    with greedy requests through the server, each request still gives what it gives alone."""
+    import asyncio
+
+    srv, _, _, _ = env
+    bodies = [{"model": "smollm", "prompt": f"Item {i}: the weather today is", "max_tokens": 10, "temperature": 0,
+               "ignore_eos": True} for i in range(5)]
+    bodies.append({**bodies[0], "prompt": "Repeat after me: red red red", "repetition_penalty": 1.5})
+
+    async def one(client, body):
+        r = await client.post(srv.url + "/v1/completions", json=body, headers=_auth())
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, b) for b in bodies))
+
+    async def alone():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return [await one(client, b) for b in bodies]
+
+    batched, solo = asyncio.run(together()), asyncio.run(alone())
+    assert batched == solo
+    assert solo[-1] != asyncio.run(_unpenalized(srv, bodies[-1]))
+
+
+async def _unpenalized(srv, body):
+    body = {k: v for k, v in body.items() if k != "repetition_penalty"}
+    async with httpx.AsyncClient(timeout=120) as client:
+        r = await client.post(srv.url + "/v1/completions", json=body, headers=_auth())
+        return r.json()["choices"][0]["text"]
