@@ -126,9 +126,10 @@ def _put_glu(y_ptr, y, row, M, cols, c_mask, sym, HALF: tl.constexpr, SCALAR_MAS
 @_jit
 def _q8_decode(w, FP8: tl.constexpr):
     if FP8:
-        return w.to(tl.float32)
-    # int8 q: the float with bits 0x4B000080 + q is 2^23 + 128 + q exactly
-    return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        v = w.to(tl.float32)
+    else:  # int8 q: the float with bits 0x4B000080 + q is 2^23 + 128 + q exactly
+        v = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    return v
 
 
 @_jit
