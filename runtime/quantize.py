@@ -177,7 +177,7 @@ def prepare_source(reader, build: BuildConfig, quant: LinearQuant, *, tokenizer_
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         text = open(calibration_text).read() if calibration_text else None
-        seqs = cal.calibration_token_ids(tok, text)
+        seqs = cal.calibration_token_ids(tok, text, seq_len=min(512, reader.config.max_position_embeddings))
         calib = cal.calibrate(reader, device=device, dtype=dtype, sequences=seqs, awq=awq, group_size=quant.group_size,
                               kv=kv, activations=act, progress=progress)
     get = reader.get
