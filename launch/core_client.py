@@ -254,12 +254,14 @@ class CoreClient:
     def loading(self) -> bool:
         return not self.ready and self.dead is None
 
-    def mark_dead(self, reason: str) -> None:
-        """The core is gone: every request in flight fails with ``EngineDeadError`` (loop thread only)."""
+    def mark_dead(self, reason: str, expected: bool = False) -> None:
+        """The core is gone: every request in flight fails with ``EngineDeadError`` (loop thread
+        only). ``expected``: it said goodbye (a normal shutdown)."""
         if self.dead is not None:
             return
         self.dead = reason
-        log.error("event=engine_core_lost api=%d reason=%s in_flight=%d", self.api_index, _quoted(reason), len(self._streams))
+        log.log(logging.INFO if expected else logging.ERROR, "event=engine_core_lost api=%d reason=%s in_flight=%d",
+                self.api_index, _quoted(reason), len(self._streams))
         err = EngineDeadError(reason)
         for st in list(self._streams.values()):
             st.fail(err)
@@ -276,6 +278,10 @@ class CoreClient:
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields the request's state whenever new outputs came; the last one is finished. Closing
         the iteration early (a client that went away) aborts the request in the core."""
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            async for out in self._generate_elsewhere(prompt, params, request_id, priority):
+                yield out
+            return
         if self.dead is not None:
             raise EngineDeadError(f"the engine has stopped: {self.dead}")
         if not self.ready:
@@ -308,6 +314,35 @@ class CoreClient:
                 del self._streams[rid]
             if not finished:
                 self.abort(rid)
+
+    async def _generate_elsewhere(self, prompt, params, request_id, priority) -> AsyncIterator[RequestOutput]:
+        """``generate`` for a caller on another event loop: the request runs on the client's loop
+        and its outputs are handed over; closing this iteration cancels (and so aborts) it there."""
+        caller = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump():
+            try:
+                async for out in self.generate(prompt, params, request_id, priority):
+                    caller.call_soon_threadsafe(q.put_nowait, out)
+                caller.call_soon_threadsafe(q.put_nowait, done)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:
+                caller.call_soon_threadsafe(q.put_nowait, e)
+
+        fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while True:
+                item = await q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            fut.cancel()
 
     def abort(self, request_id: str) -> None:
         if self._off_loop():
@@ -426,7 +461,7 @@ class CoreClient:
         elif kind == w.DEAD:
             self.mark_dead(str(msg[1]))
         elif kind == w.BYE:
-            self.mark_dead("the engine core has stopped")
+            self.mark_dead("the engine core has stopped", expected=True)
 
     async def _watch(self) -> None:
         """Marks the core dead when its connection drops after it was up."""

@@ -1,5 +1,9 @@
 """The async engine: an ``LLMEngine`` stepped by one background thread, streamed to asyncio callers.
 
+It serves an HTTP app from inside the engine's own process (tests, embedding). ``kiln serve``
+does not use it: there the engine runs in a process of its own (``kiln.launch.engine_core``) and
+the app talks to it through ``kiln.launch.core_client.CoreClient``, which has the same surface.
+
 Callers on the event loop submit and abort requests through a command queue; the engine thread
 applies commands between steps (so the scheduler is only ever touched by that thread), runs a
 step, and hands each request's new output to its caller's ``asyncio.Queue`` through

@@ -207,3 +207,36 @@ def test_killed_engine_core_gives_503(tiny, tmp_path):
         assert not left, left
     finally:
         _stop(proc)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_torchrun_ranks_serve_one_engine_core(tiny, tmp_path):
+    """`torchrun ... kiln serve --launcher torchrun`: rank 0's engine core drives rank 1, and the
+    tp=2 engine answers as the tp=1 one does; SIGTERM stops every process."""
+    from kiln.runtime.builder import build_engine
+    from kiln.runtime.config import BuildConfig
+
+    tp2 = build_engine("tiny-llama", str(tmp_path / "tp2"), BuildConfig(dtype="float32", max_seq_len=256, tp=2),
+                       random_weights=True, device_class="cpu", progress=False)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "kiln.launch.cli", "serve", tp2, "--launcher", "torchrun", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_health(url, timeout=180, proc=proc)
+        tree = set(__import__("kiln.launch.ray_launcher", fromlist=["descendants"]).descendants(proc.pid))
+        r = _completion(url, max_tokens=6)
+        assert r.status_code == 200, r.text
+        from kiln.runtime import LLM, SamplingParams
+
+        with LLM(tiny) as llm:
+            want = llm.generate(["Hello there"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+        assert r.json()["choices"][0]["text"] == want.outputs[0].text
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=40)
+        time.sleep(0.5)
+        assert not [p for p in tree if _running(p)]
+    finally:
+        _stop(proc)
