@@ -11,8 +11,10 @@ x's dtype with the semantics of the matching ``quant.*_ref``:
 Each call takes one of these paths, by the tuned table (``tune``) or, for shapes not tuned,
 by a default rule:
 
-* ``gemv``: the Triton GEMV of ``kiln.kernels.quant_gemv`` (default for M <= 4; for the
-  ``*_silu_mul`` ops its fused gate/up variant);
+* ``gemv``: the Triton GEMV of ``kiln.kernels.quant_gemv`` / ``quant_gemv4`` (default for
+  M <= 4; for the ``*_silu_mul`` ops its fused gate/up variant);
+* ``gemv-pre`` (FP8): ``quantize_fp8`` once, then the GEMV on x_q (no per-program quantization);
+* ``gemv-acc`` (INT4): the GEMV variant that accumulates the exact dequantized weights;
 * ``gemm``: ``quant_gemm.q_gemm`` on tensor cores (FP8 through ``quantize_fp8``; INT8/INT4
   with 16-bit x; default for M > 4 where ``scaled_mm`` does not apply);
 * ``scaled_mm``: FP8 only, ``quantize_fp8`` then ``torch._scaled_mm`` (default for M > 4 with
@@ -36,11 +38,13 @@ import torch
 
 from kiln.kernels import quant, triton_ops
 from kiln.kernels.quant_gemm import GEMM_CONFIGS, GemmConfig, gemm_fits, q_gemm, quantize_fp8, scaled_mm
-from kiln.kernels.quant_gemv import GemvConfig, group_fits, q4_fits, q4_gemv, q8_fits, q8_gemv
+from kiln.kernels.quant_gemv import GemvConfig, q8_fits, q8_gemv
+from kiln.kernels.quant_gemv4 import group_fits, q4_configs, q4_fits, q4_gemv
 
 BASE_OPS = ("fp8", "fp8-static", "int8", "int4")
 OPS = BASE_OPS + tuple(f"{o}-glu" for o in BASE_OPS)
-KINDS = ("gemv", "gemm", "scaled_mm", "unfused", "torch")
+KINDS = ("gemv", "gemv-pre", "gemv-acc", "gemm", "scaled_mm", "unfused", "torch")
+GEMV_KINDS = ("gemv", "gemv-pre", "gemv-acc")
 GEMV_DEFAULT_MAX_M = 4
 
 _CHOICE: dict[tuple, tuple] = {}  # key -> (kind, config or None)
@@ -75,7 +79,7 @@ def parse_choice(name: str) -> tuple:
     kind, _, cfg = name.partition(":")
     if kind not in KINDS:
         raise ValueError(f"not a quantized-linear choice: {name!r}")
-    if kind == "gemv":
+    if kind in GEMV_KINDS:
         return kind, GemvConfig.parse(cfg)
     if kind == "gemm":
         return kind, GemmConfig.parse(cfg)
@@ -90,8 +94,6 @@ _GEMV_DEFAULT = {
 
 def default_gemv(fmt: str, m: int, group_size: int = 0):
     """The GEMV config used for M rows where nothing is tuned (None if none fits the group size)."""
-    from kiln.kernels.quant_gemv import q4_configs
-
     c = _GEMV_DEFAULT["q4" if fmt == "int4" else "q8"][1 if m <= 1 else 2 if m == 2 else 4]
     if fmt != "int4":
         return c if q8_fits(c, m) else None
@@ -146,8 +148,9 @@ def choose(op: str, m: int, n: int, k: int, dtype: torch.dtype, group_size: int 
 
 def tuned_table() -> list[dict]:
     """One row per tuned (op, M, N, K, dtype, group size): op, shape [M, N, K], dtype,
-    group_size, choice (e.g. "gemv:n4k2048w4s2r1", "gemm:m64n128k64w4s4g8", "scaled_mm",
-    "unfused", "torch"), us, weight_gb_s, and the best time of each kind tried."""
+    group_size, choice (e.g. "gemv:n4k2048w4s2r1", "gemv-pre:n8k2048w4s1r1",
+    "gemm:m64n128k64w4s4g8", "scaled_mm", "unfused", "torch"), us, weight_gb_s, and the best time
+    of each kind tried (``<kind>_us``, ``<kind>_config``)."""
     return [dict(r) for r in _ROWS.values()]
 
 
@@ -208,6 +211,9 @@ def run_fp8(kind, cfg, x, weight, weight_scale, input_scale=None, bias=None, glu
     """One FP8 path, chosen by the caller (tests, tuning)."""
     if kind == "gemv":
         return q8_gemv(x, weight, weight_scale, cfg, fp8=True, input_scale=input_scale, bias=bias, glu=glu)
+    if kind == "gemv-pre":
+        xq, sx = quantize_fp8(x, input_scale)
+        return q8_gemv(xq, weight, weight_scale, cfg, fp8=True, bias=bias, glu=glu, x_scale=sx, out_dtype=x.dtype)
     if glu:
         return _silu_mul(run_fp8(kind, cfg, x, weight, weight_scale, input_scale) if kind != "unfused"
                          else fp8_linear(x, weight, weight_scale, input_scale))
@@ -233,8 +239,8 @@ def run_int8(kind, cfg, x, weight, weight_scale, bias=None, glu=False) -> torch.
 
 def run_int4(kind, cfg, x, qweight, scales, qzeros, group_size, bias=None, glu=False) -> torch.Tensor:
     """One INT4 path, chosen by the caller; x already permuted (``input_perm`` applied)."""
-    if kind == "gemv":
-        return q4_gemv(x, qweight, scales, qzeros, group_size, cfg, bias=bias, glu=glu)
+    if kind in ("gemv", "gemv-acc"):
+        return q4_gemv(x, qweight, scales, qzeros, group_size, cfg, bias=bias, glu=glu, acc=kind == "gemv-acc")
     if glu:
         return _silu_mul(run_int4(kind, cfg, x, qweight, scales, qzeros, group_size) if kind != "unfused"
                          else int4_linear(x, qweight, scales, qzeros, group_size))
@@ -303,7 +309,7 @@ def _int4_call(x, qweight, scales, qzeros, group_size, input_perm, bias, glu):
     ok = (_usable(x, qweight, scales, qzeros) and qweight.dtype == torch.uint8 and qzeros.dtype == torch.uint8
           and _bias_ok(bias) and k % g == 0 and 2 * qweight.shape[1] == k)
     kind, cfg = choose("int4-glu" if glu else "int4", m, n, k, x.dtype, g, bias is not None) if ok else ("torch", None)
-    if (kind == "gemv" and not group_fits(cfg.block_k, g)) or (kind == "gemm" and g % cfg.block_k):
+    if (kind in ("gemv", "gemv-acc") and not group_fits(cfg.block_k, g)) or (kind == "gemm" and g % cfg.block_k):
         kind, cfg = "torch", None
     if kind == "torch" and glu:
         return quant.int4_linear_silu_mul_ref(x, qweight, scales, qzeros, g)

@@ -6,7 +6,8 @@ gate/up product of an [N = 2I, K] weight), N the weight's rows, K its columns, g
 int4 group (required for int4).
 
 * ``tune(shapes, dtype, device, m_values)`` times, for each spec and M, every candidate path
-  (GEMV configs, GEMM configs, ``torch._scaled_mm``, the unfused gate/up product) as CUDA-graph
+  (GEMV configs of each variant, GEMM configs, ``torch._scaled_mm``, the unfused gate/up
+  product) as CUDA-graph
   replays over rotating weight copies that together exceed L2 (``min_bytes``), skips those whose
   result strays from the reference, and keeps the fastest in the table the dispatch reads. The
   reference path is timed only where nothing else ran.
@@ -26,7 +27,8 @@ from kiln.kernels import quant, triton_ops
 from kiln.kernels import quant_triton as qt
 from kiln.kernels.gemv import _time_calls
 from kiln.kernels.quant_gemm import gemm_configs
-from kiln.kernels.quant_gemv import q4_configs, q8_configs
+from kiln.kernels.quant_gemv import q8_configs
+from kiln.kernels.quant_gemv4 import q4_configs
 
 GEMV_MAX_M = 16  # the largest M for which GEMV configs are tried
 GEMM_MIN_M = 2  # the smallest M for which GEMM configs are tried
@@ -127,6 +129,10 @@ def candidates(op: str, m: int, dtype: torch.dtype, g: int, full: bool = False) 
     if m <= GEMV_MAX_M:
         cfgs = q4_configs(m, g, full) if fmt == "int4" else q8_configs(m, full)
         out += [("gemv", c) for c in cfgs]
+        if fmt == "fp8":
+            out += [("gemv-pre", c) for c in cfgs]
+        if fmt == "int4":
+            out += [("gemv-acc", c) for c in q4_configs(m, g, full, acc=True)]
     if glu:
         return out + [("unfused", None)]
     if m >= GEMM_MIN_M and (fmt == "fp8" or dtype != torch.float32):

@@ -26,7 +26,8 @@ from kiln.kernels import quant  # noqa: E402
 from kiln.kernels import quant_triton as qt  # noqa: E402
 from kiln.kernels import quant_tune  # noqa: E402
 from kiln.kernels.quant_gemm import quantize_fp8  # noqa: E402
-from kiln.kernels.quant_gemv import q4_configs, q4_gemv, q8_configs, q8_gemv  # noqa: E402
+from kiln.kernels.quant_gemv import q8_configs, q8_gemv  # noqa: E402
+from kiln.kernels.quant_gemv4 import q4_configs, q4_gemv  # noqa: E402
 
 DEV = "cuda"
 BF, FP16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -128,16 +129,18 @@ def test_quantize_fp8_exact(shape, static, dtype):
 # N=1008 and K=1040 (multiples of 16 that no BLOCK_N / BLOCK_K above 16 divides); int4 K=1152
 # (9 groups of 128: a K tail for BLOCK_K 256 and above).
 PATHS = [
-    ("fp8", "gemv"), ("fp8", "gemm"), ("fp8", "scaled_mm"), ("fp8", "torch"),
-    ("fp8-static", "gemv"), ("fp8-static", "gemm"), ("fp8-static", "scaled_mm"),
-    ("int8", "gemv"), ("int8", "gemm"), ("int4", "gemv"), ("int4", "gemm"),
+    ("fp8", "gemv"), ("fp8", "gemv-pre"), ("fp8", "gemm"), ("fp8", "scaled_mm"), ("fp8", "torch"),
+    ("fp8-static", "gemv"), ("fp8-static", "gemv-pre"), ("fp8-static", "gemm"), ("fp8-static", "scaled_mm"),
+    ("int8", "gemv"), ("int8", "gemm"), ("int4", "gemv"), ("int4", "gemv-acc"), ("int4", "gemm"),
 ]
 
 
 def _config(op, kind, m, g=128):
     fmt = qt.fmt_of(op)
-    if kind == "gemv":
+    if kind in ("gemv", "gemv-pre"):
         return qt.default_gemv(fmt, min(m, 4), g)
+    if kind == "gemv-acc":
+        return q4_configs(min(m, 4), g, acc=True)[0]
     if kind == "gemm":
         return qt.default_gemm(fmt, m, g)
     return None
@@ -184,13 +187,18 @@ def test_every_gemv_config(op, m):
     ref = quant_tune.reference(op, x, t, xs)
     mag = _magnitude(op, x, t, xs)
     fmt = qt.fmt_of(op)
-    cfgs = q4_configs(m, 128) if fmt == "int4" else q8_configs(m)
-    for cfg in cfgs:
-        if fmt == "int4":
-            y = q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 128, cfg)
-        else:
-            y = q8_gemv(x, t["weight"], t["weight_scale"], cfg, fp8=fmt == "fp8", input_scale=xs)
+    if fmt == "int4":
+        for acc in (False, True):
+            for cfg in q4_configs(m, 128, acc=acc):
+                _check(q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 128, cfg, acc=acc), ref, mag, BF)
+        return
+    xq, sx = quantize_fp8(x, xs) if fmt == "fp8" else (None, None)
+    for cfg in q8_configs(m):
+        y = q8_gemv(x, t["weight"], t["weight_scale"], cfg, fp8=fmt == "fp8", input_scale=xs)
         _check(y, ref, mag, BF)
+        if fmt == "fp8":  # the pre-quantized variant: the same values, bit for bit
+            y2 = q8_gemv(xq, t["weight"], t["weight_scale"], cfg, fp8=True, x_scale=sx, out_dtype=BF)
+            assert torch.equal(y2, y)
 
 
 @pytest.mark.parametrize("dtype", [BF, FP16])
@@ -207,6 +215,9 @@ def test_glu_vs_reference(op, m, dtype):
     ref = quant_tune.reference(op, x, t, xs)
     _check_glu(quant_tune.dispatch(op, x, t, xs), ref, dtype)
     _check_glu(quant_tune.run(op, "gemv", _config(op, "gemv", m), x, t, xs), ref, dtype)
+    variant = {"fp8": "gemv-pre", "int4": "gemv-acc"}.get(fmt)
+    if variant:
+        _check_glu(quant_tune.run(op, variant, _config(op, variant, m), x, t, xs), ref, dtype)
 
 
 @pytest.mark.parametrize("m", [1, 4, 64])

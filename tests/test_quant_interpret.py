@@ -1,4 +1,4 @@
-"""The quantized-linear Triton kernels (kiln.kernels.quant_gemv / quant_gemm) against the
+"""The quantized-linear Triton kernels (kiln.kernels.quant_gemv / quant_gemv4 / quant_gemm) against the
 kiln.kernels.quant references on the CPU under Triton's interpreter, plus the CPU side of
 kiln.kernels.quant_triton's dispatch table.
 
@@ -30,7 +30,8 @@ in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRE
 from kiln.kernels import quant  # noqa: E402
 from kiln.kernels import quant_triton as qt  # noqa: E402
 from kiln.kernels.quant_gemm import GemmConfig, gemm_configs, q_gemm, quantize_fp8  # noqa: E402
-from kiln.kernels.quant_gemv import GemvConfig, group_fits, q4_configs, q4_gemv, q8_configs, q8_gemv  # noqa: E402
+from kiln.kernels.quant_gemv import GemvConfig, q8_configs, q8_gemv  # noqa: E402
+from kiln.kernels.quant_gemv4 import group_fits, q4_configs, q4_gemv  # noqa: E402
 
 if INTERPRET:
     from test_kernels_interpret import _patch_interpreter  # the interpreter's loop-bound gap
@@ -66,6 +67,13 @@ def _check(y, ref, dtype, casts=1):
     else:
         rtol = casts * (1.6e-2 if dtype == BF else 2e-3)
         torch.testing.assert_close(y.float(), ref, atol=1e-2 * scale, rtol=rtol)
+
+
+def _thin(m, dtype):
+    """Every M for bfloat16; M = 1 and 3 (one row, and rows split unevenly) for the other dtypes,
+    which share all code paths but the loads and the final cast (keeps the interpreted suite short)."""
+    if dtype != BF and m not in (1, 3):
+        pytest.skip("covered for bfloat16")
 
 
 def _fp8_weight(n, k, seed):
@@ -126,6 +134,7 @@ def test_quantize_fp8_static_clamps():
 @pytest.mark.parametrize("cfg", Q8_SMALL, ids=lambda c: c.name)
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_fp8_gemv(mode, cfg, m, dtype):
+    _thin(m, dtype)
     n, k = 37, 208
     x = _randn(m, k, dtype=dtype, seed=m, scale=2.0)
     w, ws = _fp8_weight(n, k, 10 + m)
@@ -150,10 +159,32 @@ def test_fp8_gemv_is_the_reference_expression():
 
 
 @in_child
+@pytest.mark.parametrize("m", [1, 3, 6])
+@pytest.mark.parametrize("cfg", [Q8_SMALL[1], Q8_SMALL[2]], ids=lambda c: c.name)
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_fp8_gemv_prequantized(mode, cfg, m):
+    """x quantized once by quantize_fp8, then the GEMV on x_q: bit for bit the in-kernel
+    quantization (the same E4M3 values and scales, the same sums)."""
+    n, k = 37, 208
+    x = _randn(m, k, dtype=BF, seed=60 + m, scale=2.0)
+    w, ws = _fp8_weight(n, k, 61)
+    xs = torch.tensor([quant.fp8_input_scale(x.abs().max().item() * 0.7)]) if mode == "static" else None
+    b = _randn(n, dtype=BF, seed=62) if m % 2 else None
+    xq, sx = quantize_fp8(x, xs)
+    y = q8_gemv(xq, w, ws, cfg, fp8=True, bias=b, x_scale=sx, out_dtype=BF)
+    assert torch.equal(y, q8_gemv(x, w, ws, cfg, fp8=True, input_scale=xs, bias=b))
+    _check(y, quant.fp8_linear_ref(x, w, ws, xs, b).float(), BF)
+    if m == 1:
+        glu = q8_gemv(xq, w[:36], ws[:36], cfg, fp8=True, glu=True, x_scale=sx, out_dtype=BF)
+        assert torch.equal(glu, q8_gemv(x, w[:36], ws[:36], cfg, fp8=True, input_scale=xs, glu=True))
+
+
+@in_child
 @pytest.mark.parametrize("dtype", [BF, FP16, F32])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("cfg", Q8_SMALL, ids=lambda c: c.name)
 def test_int8_gemv(cfg, m, dtype):
+    _thin(m, dtype)
     n, k = 37, 208
     x = _randn(m, k, dtype=dtype, seed=20 + m)
     w, ws = _int8_weight(n, k, 30 + m)
@@ -213,6 +244,7 @@ Q4_CASES = [
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("case", Q4_CASES, ids=lambda c: f"g{c[0]}-{c[1].name}")
 def test_int4_gemv(case, m, dtype):
+    _thin(m, dtype)
     g, cfg = case
     n, k = 37, 192
     x = _randn(m, k, dtype=dtype, seed=50 + m)
@@ -220,6 +252,31 @@ def test_int4_gemv(case, m, dtype):
     b = _randn(n, dtype=dtype, seed=9) if m != 2 else None
     y = q4_gemv(x, qw, s, z, g, cfg, bias=b)
     _check(y, quant.int4_linear_ref(x, qw, s, z, g, None, b).float(), dtype)
+
+
+# (group size, config) of the exact-weight variant: chunks inside one group (2-D, several steps
+# per group), one group per chunk, and several groups per chunk with a K tail.
+Q4_ACC_CASES = [
+    (64, GemvConfig(8, 32, 4, 1, 1)), (64, GemvConfig(4, 64, 4, 2, 4)), (32, GemvConfig(4, 128, 4, 3, 2)),
+]
+
+
+@in_child
+@pytest.mark.parametrize("dtype", [BF, FP16, F32])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("case", Q4_ACC_CASES, ids=lambda c: f"g{c[0]}-{c[1].name}")
+def test_int4_gemv_exact_weights(case, m, dtype):
+    _thin(m, dtype)
+    g, cfg = case
+    n, k = 37, 192
+    x = _randn(m, k, dtype=dtype, seed=150 + m)
+    qw, s, z = _int4_weight(n, k, g, dtype, 160 + m)
+    b = _randn(n, dtype=dtype, seed=9) if m != 2 else None
+    y = q4_gemv(x, qw, s, z, g, cfg, bias=b, acc=True)
+    _check(y, quant.int4_linear_ref(x, qw, s, z, g, None, b).float(), dtype)
+    if m == 1:
+        glu = q4_gemv(x, qw[:36], s[:36], z[:36], g, cfg, glu=True, acc=True)
+        _check(glu, quant.int4_linear_silu_mul_ref(x, qw[:36], s[:36], z[:36], g).float(), dtype, casts=2)
 
 
 @in_child
@@ -349,9 +406,10 @@ def test_configs_respect_limits():
             assert min(m, c.rows, 4) * c.block_n * c.block_k <= 128 * 32 * c.num_warps
             assert GemvConfig.parse(c.name) == c
         for g in (32, 64, 128, 4096, 14336):
-            c4 = q4_configs(m, g)
-            assert c4, (m, g)
-            assert all(group_fits(c.block_k, g) for c in c4)
+            for acc in (False, True):
+                c4 = q4_configs(m, g, acc=acc)
+                assert c4, (m, g, acc)
+                assert all(group_fits(c.block_k, g) for c in c4)
     assert not group_fits(128, 96) and group_fits(32, 96) and group_fits(256, 128) and group_fits(64, 128)
     assert {c.block_m for c in gemm_configs(16, "int8")} == {16}
     assert all(128 % c.block_k == 0 for c in gemm_configs(256, "int4", 128))
@@ -382,13 +440,15 @@ def test_run_every_kind(op):
     from kiln.kernels import quant_tune
 
     fmt, g = qt.fmt_of(op), 64 if "int4" in op else 0
-    n, k = (48, 192)
+    n, k = (32, 128)
     t = _small_tensors(op, n, k, g, BF)
-    for m in (2, 17):
+    for m in (2, 5):
         x = _randn(m, k, dtype=BF, seed=90 + m)
         xs = torch.tensor([quant.fp8_input_scale(x.abs().max().item())]) if "static" in op else None
         ref = quant_tune.reference(op, x, t, xs).float()
         kinds = [("gemv", GemvConfig(4, 64, 4, 2, 2)), ("torch", None)]
+        kinds += [("gemv-pre", GemvConfig(4, 64, 4, 2, 2))] if fmt == "fp8" else []
+        kinds += [("gemv-acc", GemvConfig(8, 32, 4, 2, 2))] if fmt == "int4" else []
         kinds += [("unfused", None)] if op.endswith("-glu") else [("gemm", GemmConfig(16, 16, 32, 4, 2))]
         for kind, cfg in kinds:
             _check(quant_tune.run(op, kind, cfg, x, t, xs), ref, BF, casts=2 if op.endswith("-glu") else 1)
@@ -415,9 +475,9 @@ def test_tune_spec_records_the_fastest(monkeypatch):
     saved = qt.tuned_table()
     try:
         qt.clear_table()
-        rows = quant_tune._tune_spec("int8", 40, 128, 0, BF, "cpu", torch.Generator().manual_seed(0), (1, 20),
+        rows = quant_tune._tune_spec("int8", 40, 128, 0, BF, "cpu", torch.Generator().manual_seed(0), (1, 5),
                                      False, 1, 1 << 10, False, False)
-        assert [r["shape"] for r in rows] == [[1, 40, 128], [20, 40, 128]]
+        assert [r["shape"] for r in rows] == [[1, 40, 128], [5, 40, 128]]
         for r in rows:
             assert r["configs_timed"] == 3 and r["weight_copies"] >= 2
             assert r["us"] == min(r["gemv_us"], r["gemm_us"])
@@ -441,8 +501,9 @@ def test_candidates_and_specs():
     assert kinds("int8", 1, BF, 0) == {"gemv"}
     assert kinds("int8", 8, BF, 0) == {"gemv", "gemm"}
     assert kinds("int8", 64, F32, 0) == set()
+    assert kinds("fp8", 2, BF, 0) == {"gemv", "gemv-pre", "gemm"}
     assert kinds("int4-glu", 64, BF, 128) == {"unfused"}
-    assert kinds("int4-glu", 2, BF, 128) == {"gemv", "unfused"}
+    assert kinds("int4-glu", 2, BF, 128) == {"gemv", "gemv-acc", "unfused"}
     qt.record_scaled_mm(BF, False, True)
     try:
         assert "scaled_mm" in kinds("fp8", 64, BF, 0) and "scaled_mm" not in kinds("fp8", 64, FP16, 0)
