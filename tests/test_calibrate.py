@@ -180,7 +180,6 @@ def outlier_cal(outlier):
 
 def test_awq_never_worse_than_rtn_and_wins_on_outliers(outlier_cal):
     reader, hf, cal, inputs = outlier_cal
-    cfg = reader.config
     for key, (rtn, best) in cal.awq_loss.items():
         assert best <= rtn, key
     for i, layer in enumerate(hf.model.layers):
