@@ -55,6 +55,9 @@ class _Seq:
         self.filled = 0  # logprob entries whose tokens are decoded
 
 
+_MAX_TOKEN_ID = (1 << 31) - 1  # token ids travel as 32-bit integers at most
+
+
 class _Stream:
     """One request: its prompt, the state the core's frames built, and its waiting consumer."""
 
@@ -293,6 +296,8 @@ class CoreClient:
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=self.add_bos)
         else:
             text, ids = None, [int(t) for t in prompt]
+            if any(t < 0 or t > _MAX_TOKEN_ID for t in ids):  # the core checks the vocabulary itself
+                raise RequestError(f"prompt token ids must be in 0..{_MAX_TOKEN_ID}", param="prompt")
         st = _Stream(rid, text, ids, params, self.tokenizer, time.monotonic())
         self._streams[rid] = st
         self._adds.append([rid, ids, params.model_dump(exclude_defaults=True), int(priority)])
@@ -412,12 +417,32 @@ class CoreClient:
         try:
             if self._adds:
                 adds, self._adds = self._adds, []
-                self._send([w.ADD, adds])
+                try:
+                    frame = w.pack([w.ADD, adds])
+                except (OverflowError, TypeError, ValueError):
+                    frame = self._pack_adds_one_by_one(adds)
+                if frame is not None:
+                    self._in.send(frame, zmq.NOBLOCK)
             if self._aborts:
                 aborts, self._aborts = self._aborts, []
                 self._send([w.ABORT, aborts])
         except zmq.ZMQError as e:
             self.mark_dead(f"the engine core cannot be reached: {e}")
+
+    def _pack_adds_one_by_one(self, adds: list):
+        """The frame of the requests that pack; each one that does not fails alone (its caller
+        gets a 400), so one bad value never holds up the others of its turn."""
+        good = []
+        for add in adds:
+            try:
+                w.pack(add)
+            except (OverflowError, TypeError, ValueError) as e:
+                st = self._streams.get(add[0])
+                if st is not None:
+                    st.fail(RequestError(f"the request cannot be sent to the engine: {e}"))
+                continue
+            good.append(add)
+        return w.pack([w.ADD, good]) if good else None
 
     async def _recv_loop(self) -> None:
         while True:

@@ -154,6 +154,8 @@ def test_request_errors(env):
         (json.dumps({"model": "smollm", "prompt": "hi", "n": 0}).encode(), 400),
         (json.dumps({"model": "smollm", "prompt": []}).encode(), 400),
         (json.dumps({"model": "smollm", "prompt": [99999999]}).encode(), 400),
+        (json.dumps({"model": "smollm", "prompt": [5, -(1 << 70)]}).encode(), 400),
+        (json.dumps({"model": "smollm", "prompt": [1 << 40]}).encode(), 400),
         (json.dumps({"model": "smollm", "prompt": "x" * (2 << 20)}).encode(), 413),
     ]
     for body, status in cases:
