@@ -73,7 +73,8 @@ def check_rows(rows, dtype) -> list[dict]:
         x = torch.randn((m, k), device="cuda", dtype=dtype, generator=gen)
         xs = quant_tune._input_scale(op, x)
         y = quant_tune.dispatch(op, x, t, xs)
-        ref = quant_tune.reference(op, x, t, xs).float()
+        kind = qt.choose(op, m, n, k, dtype, g)[0]
+        ref = quant_tune.reference_for(kind, op, x, t, xs).float()
         rel = ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         out.append(dict(op=op, shape=r["shape"], choice=qt.choice_name(*qt.choose(op, m, n, k, dtype, g)),
                         rel_err=float(f"{rel:.3g}")))
@@ -143,7 +144,7 @@ def main() -> None:
     print(f"\nquantized linears, {args.dtype} activations, tuned in {tune_s:.0f} s; GB/s = quantized weight bytes "
           f"/ time; of_copy_bw = that over half the copy bandwidth ({copy_gbs / 2:.0f} GB/s read)")
     print(text_table(rows, ["model", "op", "name", "shape", "choice", "us", "weight_gb_s", "of_copy_bw",
-                            "gemv_us", "gemm_us", "scaled_mm_us", "bf16_us", "dense_gb_s", "speedup"]))
+                            "gemv_us", "gemv-pre_us", "gemv-wo_us", "gemv-acc_us", "gemm_us", "scaled_mm_us", "bf16_us", "dense_gb_s", "speedup"]))
     print("\nper decoder layer (qkv + o + gate_up + down):")
     print(text_table(layers, ["model", "op", "m", "us", "dense_us", "speedup"]))
     print("\ndispatch after tuning vs the reference:")

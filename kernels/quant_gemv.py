@@ -19,6 +19,9 @@ first tiles load before the programmatic-dependent-launch wait, the activations 
   With ``x_scale`` (FP8 only) x is already x_q (E4M3, from ``quant_gemm.quantize_fp8``) with
   its row scales, and the kernel only widens it: one small kernel quantizes x once instead of
   every program quantizing its chunks (``quant_triton``'s "gemv-pre" path).
+  With ``weight_only`` (FP8) x is not quantized at all: the E4M3 weight is widened and meets x
+  in float32, as ``int8_linear_ref`` computes (``quant_triton``'s "gemv-wo" path, tried at
+  M <= 2 where the activation quantization costs more than it saves).
 * INT4 lives in ``kiln.kernels.quant_gemv4``.
 
 With ``glu`` the weight is a fused [2I, K] gate/up projection (gate rows [0, I), up rows
@@ -151,7 +154,7 @@ def _q8_gemv_kernel(
     FP8: tl.constexpr, STATIC: tl.constexpr, PREQ: tl.constexpr, MB: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SCALAR_MASK: tl.constexpr = True,
-    EMU: tl.constexpr = False, GLU: tl.constexpr = False, PDL: tl.constexpr = False,
+    EMU: tl.constexpr = False, GLU: tl.constexpr = False, PDL: tl.constexpr = False, WO: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     m0 = (pid % m_blocks) * MB
@@ -182,7 +185,7 @@ def _q8_gemv_kernel(
         wc = _w_tile(w_ptrs, 2 * BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
     ws = tl.load(ws_ptr + wrow).to(tl.float32)
     _gdc_enter(PDL)
-    if FP8:
+    if FP8 and not WO:
         # Each x row's scale and its correctly rounded reciprocal.
         if PREQ:  # x is x_q already; is_ptr holds its row scales [M]
             s0 = tl.load(is_ptr + m0)
@@ -227,26 +230,26 @@ def _q8_gemv_kernel(
             wc = _w_tile(w_ptrs, k0 + 3 * BLOCK_K, K, offs_k, EVEN_K, True, SCALAR_MASK)
         w = _q8_decode(w, FP8)
         xa = _x_chunk(x0, k0, K, offs_k, EVEN_K)
-        if FP8 and not PREQ:
+        if FP8 and not PREQ and not WO:
             xa = _e4m3(xa, s0, r0, EMU)
         acc0 += w * xa
         if MB > 1:
             xa = _x_chunk(x1, k0, K, offs_k, EVEN_K)
-            if FP8 and not PREQ:
+            if FP8 and not PREQ and not WO:
                 xa = _e4m3(xa, s1, r1, EMU)
             acc1 += w * xa
         if MB > 2:
             xa = _x_chunk(x2, k0, K, offs_k, EVEN_K)
-            if FP8 and not PREQ:
+            if FP8 and not PREQ and not WO:
                 xa = _e4m3(xa, s2, r2, EMU)
             acc2 += w * xa
         if MB > 3:
             xa = _x_chunk(x3, k0, K, offs_k, EVEN_K)
-            if FP8 and not PREQ:
+            if FP8 and not PREQ and not WO:
                 xa = _e4m3(xa, s3, r3, EMU)
             acc3 += w * xa
 
-    if not FP8:
+    if not FP8 or WO:
         s0 = 1.0
         s1 = 1.0
         s2 = 1.0
@@ -298,17 +301,19 @@ def _prep(x, n_rows, bn, glu, bias, out, out_dtype=None):
 def q8_gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, config: GemvConfig, *, fp8: bool,
             input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None, glu: bool = False,
             x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, weight_only: bool = False) -> torch.Tensor:
     """``fp8_linear_ref`` (``fp8``: w float8_e4m3fn, activations quantized per row, or with the
     static ``input_scale`` [1]) or ``int8_linear_ref`` (w int8) of x [M, K] and w [N, K] with the
     float32 per-row scale ``w_scale`` [N], by the Triton kernel with ``config``. x and w need unit
     stride along K; returns (or fills) out [M, N] in x's dtype (with ``glu``: [M, N / 2],
     ``silu(gate) * up`` of the fused gate/up weight, no bias). With ``x_scale`` [M] (FP8), x is
-    the already quantized x_q (float8_e4m3fn) and the result is in ``out_dtype``."""
+    the already quantized x_q (float8_e4m3fn) and the result is in ``out_dtype``. ``weight_only``
+    (FP8): x is not quantized; the widened weight meets x as it is, ``int8_linear_ref``'s math."""
     assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], (x.shape, w.shape)
     assert x.stride(1) == 1 and w.stride(1) == 1 and w_scale.is_contiguous()
     assert w.dtype == (torch.float8_e4m3fn if fp8 else torch.int8), w.dtype
     preq = x_scale is not None
+    assert not weight_only or (fp8 and not preq and input_scale is None)
     assert not preq or (fp8 and x.dtype == torch.float8_e4m3fn and x_scale.is_contiguous() and out_dtype is not None)
     bn, bk, warps, stages, rows = config
     m, n, out = _prep(x, w.shape[0], bn, glu, bias, out, out_dtype)
@@ -325,7 +330,7 @@ def q8_gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, config: Gem
         m, n, k, x.stride(0), w.stride(0), out.stride(0), m_blocks,
         FP8=fp8, STATIC=static, PREQ=preq, MB=mb, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, BLOCK_N=bn,
         BLOCK_K=bk,
-        STAGES=stages, SCALAR_MASK=not _interpreting(), EMU=_interpreting(), GLU=glu, num_warps=warps,
+        STAGES=stages, SCALAR_MASK=not _interpreting(), EMU=_interpreting(), GLU=glu, WO=weight_only, num_warps=warps,
         num_stages=1, **triton_ops.launch_opts(x),
     )
     return out

@@ -14,6 +14,9 @@ by a default rule:
 * ``gemv``: the Triton GEMV of ``kiln.kernels.quant_gemv`` / ``quant_gemv4`` (default for
   M <= 4; for the ``*_silu_mul`` ops its fused gate/up variant);
 * ``gemv-pre`` (FP8): ``quantize_fp8`` once, then the GEMV on x_q (no per-program quantization);
+* ``gemv-wo`` (FP8, M <= ``WO_MAX_M``, tuned only): the weight-only GEMV, E4M3 weights widened
+  and multiplied with x unquantized (``quant.int8_linear_ref``'s math on FP8 weights): at batch
+  1-2 the product is bound by the weight read and quantizing x buys nothing;
 * ``gemv-acc`` (INT4): the GEMV variant that accumulates the exact dequantized weights;
 * ``gemm``: ``quant_gemm.q_gemm`` on tensor cores (FP8 through ``quantize_fp8``; INT8/INT4
   with 16-bit x; default for M > 4 where ``scaled_mm`` does not apply);
@@ -43,8 +46,9 @@ from kiln.kernels.quant_gemv4 import group_fits, q4_configs, q4_fits, q4_gemv
 
 BASE_OPS = ("fp8", "fp8-static", "int8", "int4")
 OPS = BASE_OPS + tuple(f"{o}-glu" for o in BASE_OPS)
-KINDS = ("gemv", "gemv-pre", "gemv-acc", "gemm", "scaled_mm", "unfused", "torch")
-GEMV_KINDS = ("gemv", "gemv-pre", "gemv-acc")
+KINDS = ("gemv", "gemv-pre", "gemv-wo", "gemv-acc", "gemm", "scaled_mm", "unfused", "torch")
+GEMV_KINDS = ("gemv", "gemv-pre", "gemv-wo", "gemv-acc")
+WO_MAX_M = 2  # the largest M for which the weight-only FP8 GEMV is a candidate
 GEMV_DEFAULT_MAX_M = 4
 
 _CHOICE: dict[tuple, tuple] = {}  # key -> (kind, config or None)
@@ -211,6 +215,8 @@ def run_fp8(kind, cfg, x, weight, weight_scale, input_scale=None, bias=None, glu
     """One FP8 path, chosen by the caller (tests, tuning)."""
     if kind == "gemv":
         return q8_gemv(x, weight, weight_scale, cfg, fp8=True, input_scale=input_scale, bias=bias, glu=glu)
+    if kind == "gemv-wo":
+        return q8_gemv(x, weight, weight_scale, cfg, fp8=True, bias=bias, glu=glu, weight_only=True)
     if kind == "gemv-pre":
         xq, sx = quantize_fp8(x, input_scale)
         return q8_gemv(xq, weight, weight_scale, cfg, fp8=True, bias=bias, glu=glu, x_scale=sx, out_dtype=x.dtype)

@@ -122,6 +122,16 @@ def reference(op: str, x, t: dict, input_scale=None, bias=None) -> torch.Tensor:
     return quant.int4_linear_ref(x, t["qweight"], t["scales"], t["qzeros"], t["group_size"], None, bias)
 
 
+def reference_for(kind: str, op: str, x, t: dict, input_scale=None, bias=None) -> torch.Tensor:
+    """What path ``kind`` computes: the op's reference, or for the weight-only FP8 GEMV the
+    product with the widened weights and x as it is (``int8_linear_ref``'s math)."""
+    if kind != "gemv-wo":
+        return reference(op, x, t, input_scale, bias)
+    if op.endswith("-glu"):
+        return quant.int8_linear_silu_mul_ref(x, t["weight"], t["weight_scale"])
+    return quant.int8_linear_ref(x, t["weight"], t["weight_scale"], bias)
+
+
 def candidates(op: str, m: int, dtype: torch.dtype, g: int, full: bool = False) -> list[tuple]:
     """The (kind, config) pairs ``tune`` tries for this op at M rows."""
     fmt, glu = qt.fmt_of(op), op.endswith("-glu")
@@ -131,6 +141,8 @@ def candidates(op: str, m: int, dtype: torch.dtype, g: int, full: bool = False) 
         out += [("gemv", c) for c in cfgs]
         if fmt == "fp8":
             out += [("gemv-pre", c) for c in cfgs]
+            if m <= qt.WO_MAX_M:
+                out += [("gemv-wo", c) for c in cfgs]
         if fmt == "int4":
             out += [("gemv-acc", c) for c in q4_configs(m, g, full, acc=True)]
     if glu:
@@ -213,7 +225,7 @@ def _tune_spec(op, n, k, g, dtype, device, gen, m_values, full, reps, min_bytes,
         m = int(m)
         x = torch.randn((m, k), device=device, dtype=dtype, generator=gen)
         xs = _input_scale(op, x)
-        ref = reference(op, x, t0, xs)
+        refs = {}
         best: dict[str, tuple] = {}
         tried = 0
         cands = candidates(op, m, dtype, g, full)
@@ -221,7 +233,9 @@ def _tune_spec(op, n, k, g, dtype, device, gen, m_values, full, reps, min_bytes,
             if kind == "torch" and best:
                 continue
             try:
-                err = _rel_err(run(op, kind, cfg, x, t0, xs), ref)
+                if kind not in refs:
+                    refs[kind] = reference_for(kind, op, x, t0, xs)
+                err = _rel_err(run(op, kind, cfg, x, t0, xs), refs[kind])
                 if not err < 1e-2:
                     if verbose:
                         print(f"  {op} M={m} {qt.choice_name(kind, cfg)}: relative error {err:.2e}, skipped")

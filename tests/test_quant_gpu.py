@@ -196,6 +196,10 @@ def test_every_gemv_config(op, m):
     for cfg in q8_configs(m):
         y = q8_gemv(x, t["weight"], t["weight_scale"], cfg, fp8=fmt == "fp8", input_scale=xs)
         _check(y, ref, mag, BF)
+        if op == "fp8" and m <= qt.WO_MAX_M:  # weight-only: int8_linear_ref's math on the FP8 weight
+            wo = q8_gemv(x, t["weight"], t["weight_scale"], cfg, fp8=True, weight_only=True)
+            wref = quant_tune.reference_for("gemv-wo", op, x, t)
+            _check(wo, wref, (x.float().abs() @ t["weight"].float().abs().t()) * t["weight_scale"], BF)
         if fmt == "fp8":  # the pre-quantized variant: the same values, bit for bit
             y2 = q8_gemv(xq, t["weight"], t["weight_scale"], cfg, fp8=True, x_scale=sx, out_dtype=BF)
             assert torch.equal(y2, y)

@@ -180,6 +180,24 @@ def test_fp8_gemv_prequantized(mode, cfg, m):
 
 
 @in_child
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("cfg", [Q8_SMALL[0], Q8_SMALL[2]], ids=lambda c: c.name)
+def test_fp8_weight_only_gemv(cfg, m):
+    """The weight-only FP8 GEMV: E4M3 weights widened, x as it is (int8_linear_ref's math), also
+    fused gate/up; and it is not the activation-quantized product."""
+    n, k = 37, 208
+    x = _randn(m, k, dtype=BF, seed=70 + m, scale=2.0)
+    w, ws = _fp8_weight(n, k, 71)
+    b = _randn(n, dtype=BF, seed=72)
+    y = q8_gemv(x, w, ws, cfg, fp8=True, bias=b, weight_only=True)
+    _check(y, quant.int8_linear_ref(x, w, ws, b).float(), BF)
+    assert not torch.equal(y, q8_gemv(x, w, ws, cfg, fp8=True, bias=b))
+    glu = q8_gemv(x, w[:36], ws[:36], cfg, fp8=True, glu=True, weight_only=True)
+    want = quant.int8_linear_silu_mul_ref(x, w[:36], ws[:36]).float()
+    _check(glu, want, BF, casts=4)
+
+
+@in_child
 @pytest.mark.parametrize("dtype", [BF, FP16, F32])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("cfg", Q8_SMALL, ids=lambda c: c.name)
