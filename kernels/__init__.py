@@ -1,1 +1,23 @@
-"""kiln.kernels"""
+"""kiln.kernels: one module per op, a plain-torch reference beside each fast GPU path.
+
+This folder is installed as ``kiln.kernels``. When the project root is on ``sys.path`` (``python -m``
+or ``python -c`` run from a checkout), a bare ``import kernels`` would find this folder instead of the
+PyPI distribution of that name, which transformers imports. Imported under the bare name, this module
+therefore loads that distribution in its place, or fails as a missing module would.
+"""
+
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None or _spec.loader is None:
+        del sys.modules["kernels"]
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module
+    _spec.loader.exec_module(_module)

@@ -519,7 +519,8 @@ def test_candidates_and_specs():
     assert kinds("int8", 1, BF, 0) == {"gemv"}
     assert kinds("int8", 8, BF, 0) == {"gemv", "gemm"}
     assert kinds("int8", 64, F32, 0) == set()
-    assert kinds("fp8", 2, BF, 0) == {"gemv", "gemv-pre", "gemm"}
+    assert kinds("fp8", 2, BF, 0) == {"gemv", "gemv-pre", "gemv-wo", "gemm"}  # weight-only GEMV up to WO_MAX_M
+    assert kinds("fp8", 3, BF, 0) == {"gemv", "gemv-pre", "gemm"}
     assert kinds("int4-glu", 64, BF, 128) == {"unfused"}
     assert kinds("int4-glu", 2, BF, 128) == {"gemv", "gemv-acc", "unfused"}
     qt.record_scaled_mm(BF, False, True)
