@@ -1,14 +1,41 @@
-"""Serving under load: `kiln serve` on an engine, streaming completions arriving as a Poisson
-process at several rates, prompt and output lengths drawn with a realistic spread (log-normal,
-clipped). Reports throughput and TTFT / TPOT percentiles per rate, a JSON record and a PNG plot.
+"""Serving at engine speed: `kiln serve` against the engine's own `LLM.generate`, in one call.
 
-    python benchmarks/bench_serving.py --engine engines/smollm2-float32-cpu --rates 0.5,1,2,4 --requests 32
+The benchmark starts a fresh `kiln serve` on an engine directory (or builds a random-weight engine
+first), drives it with the official `openai` client (streaming completions, `ignore_eos` through
+`extra_body`, from several client processes so the client is never the bottleneck), and runs, in
+this order on the one server:
 
-``--compare-engine`` then runs the requests of the fastest rate through ``LLM.generate`` in this
-process (after the server has stopped, so the two never share the device) and records
-``engine_output_tokens_per_s`` and ``server_to_engine_ratio``: how close serving over HTTP comes to
-the engine's own speed. ``--rates inf`` sends every request at once. ``--api-server-count N``
-is passed to ``kiln serve``.
+1. fresh TTFT: the first request ever at each of five prompt lengths drawn at random (one per
+   fifth of 100-4000 tokens), each followed by a second request of the same length (new tokens, so
+   no prefix-cache hit), one output token each. Criterion: first <= 1.3 x second at every length
+   (a kernel compiled on a request's path shows here).
+2. batch-1: one streaming request at a time (200 prompt / 200 output tokens), a few times.
+   Criterion: TPOT <= 1.05 x the engine's batch-1 decode time per token.
+3. burst: 64 concurrent 200-token prompts arriving at once. Criterion: TTFT p50 <= 250 ms.
+4. concurrent: 256 concurrent streams, 200 prompt / 200 output tokens. Criteria: output tokens/s
+   >= 0.9 x `LLM.generate` on the same requests (``--engine-ratio``), TPOT p50 <= 1.15 x the
+   engine's step time at that batch.
+5. stall: 64 concurrent streams, then the same with one of them asking for something that may
+   make the batch wait for the host (penalties, n=2, a grammar, min_tokens, logprobs, logit_bias):
+   the other 63 streams' TPOT against the plain batch's (no criterion: the cost is the figure).
+6. Poisson sweep: requests arriving as a Poisson process at several rates, prompt and output
+   lengths log-normal (as the earlier serving records), throughput and TTFT/TPOT per rate.
+
+Then the server stops (freeing the device) and, with ``--engine-ratio``, the same requests of (2)
+and (4) run through `LLM.generate` in this process; the engine's step time at the batch comes from
+timing its steps there (without the flag, from the server's /metrics: the engine core's busy time
+over its steps while the batch ran). One JSON record (benchmarks/record.py) holds every figure,
+each criterion with its limit and pass/fail, and checks that /metrics and the structured logs
+report from both the engine core and the API server.
+
+    kiln bench serving --engine-ratio                         # GPU: llama-3-8b, random weights drawn at load
+    kiln bench serving --engine engines/x --engine-ratio
+    kiln bench serving --smoke --engine-ratio                 # CPU: small sizes, tiny-llama
+    python benchmarks/bench_serving.py --workloads concurrent,batch1 --clients 64
+
+TTFT is the time to the first streamed chunk; the server sends one for every step that produced
+tokens, text or not (a random-weight engine's tokens are often outside its tokenizer's vocabulary).
+TPOT is (last chunk - first chunk) / (completion tokens - 1) per request, the usage chunk's count.
 """
 
 from __future__ import annotations
@@ -19,96 +46,726 @@ import json
 import math
 import os
 import random
+import signal
+import socket
+import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 
-import httpx
+WORKLOADS = ("fresh_ttft", "batch1", "burst", "concurrent", "stall", "poisson")
+STALL_VARIANTS = ("penalties", "n2", "grammar", "min_tokens", "logprobs", "logit_bias")
+LIMITS = {  # criterion -> (op, limit)
+    "throughput_vs_engine": (">=", 0.9),
+    "tpot_vs_engine_step": ("<=", 1.15),
+    "fresh_ttft_first_vs_second": ("<=", 1.3),
+    "burst_ttft_p50_ms": ("<=", 250.0),
+    "batch1_tpot_vs_engine_decode": ("<=", 1.05),
+}
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from record import RESULTS, write_record  # noqa: E402
+
+# ================================================================================================
+# The client worker: a process of its own that runs its share of a workload's requests with the
+# openai client and reports per-request timings (time.monotonic, one clock for every process).
+# ================================================================================================
+def _variant_request(spec: dict) -> tuple[dict, dict]:
+    """The openai keyword arguments and extra_body of one request spec."""
+    kwargs = dict(spec.get("kwargs") or {})
+    extra = {"ignore_eos": True, **(spec.get("extra") or {})}
+    return kwargs, extra
+
+
+async def _one_request(client, model: str, spec: dict, start_at: float, want_gaps: bool) -> dict:
+    import openai
+
+    delay = start_at + spec.get("at", 0.0) - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    kwargs, extra = _variant_request(spec)
+    rec: dict = {"i": spec["i"], "t_send": time.monotonic(), "tokens": 0, "chunks": 0, "finish": []}
+    first = last = None
+    gaps: list[float] = []
+    try:
+        stream = await client.completions.create(
+            model=model, prompt=spec["prompt"], max_tokens=spec["max_tokens"], temperature=spec.get("temperature", 0.0),
+            stream=True, stream_options={"include_usage": True}, extra_body=extra, **kwargs)
+        async for chunk in stream:
+            now = time.monotonic()
+            if chunk.choices:
+                if first is None:
+                    first = now
+                elif want_gaps:
+                    gaps.append(now - last)
+                last = now
+                rec["chunks"] += 1
+                for c in chunk.choices:
+                    if c.finish_reason:
+                        rec["finish"].append(c.finish_reason)
+            if chunk.usage is not None:
+                rec["tokens"] = chunk.usage.completion_tokens
+    except openai.APIStatusError as e:
+        rec["status"] = e.status_code
+        rec["error"] = f"HTTP {e.status_code}: {_short(e.message)}"
+    except Exception as e:  # a stream that broke, an error event, a refused connection
+        rec["error"] = f"{type(e).__name__}: {_short(str(e))}"
+    rec["t_end"] = time.monotonic()
+    rec["t_first"], rec["t_last"] = first, last
+    if want_gaps:
+        rec["gaps"] = [round(g, 6) for g in gaps]
+    return rec
+
+
+def _short(text: str, n: int = 240) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+async def _run_job(job: dict) -> list[dict]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=job["url"] + "/v1", api_key="none", max_retries=0, timeout=job["timeout"])
+    try:
+        return await asyncio.gather(*(_one_request(client, job["model"], s, job["start_at"], job["gaps"])
+                                      for s in job["requests"]))
+    finally:
+        await client.close()
+
+
+def _warm_client() -> None:
+    """One streamed completion through the openai client against an in-process mock transport:
+    its lazy imports and first-use model building happen here, not in the first timed request."""
+    import openai
+
+    try:
+        import httpx2 as hx  # the HTTP library of newer openai releases
+    except ImportError:
+        import httpx as hx
+    chunk = {"id": "w", "object": "text_completion", "created": 0, "model": "m",
+             "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}]}
+    usage = {**chunk, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    body = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode()
+
+    def handler(request):
+        return hx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    async def once():
+        http = openai.DefaultAsyncHttpxClient(transport=hx.MockTransport(handler))
+        client = openai.AsyncOpenAI(base_url="http://warm.invalid/v1", api_key="none", max_retries=0, http_client=http)
+        try:
+            for _ in range(2):
+                stream = await client.completions.create(model="m", prompt=[1, 2], max_tokens=1, temperature=0.0, stream=True,
+                                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                async for _c in stream:
+                    pass
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(once())
+    except Exception:  # a client without a mock transport still works, only its first request is slower
+        pass
+
+
+def worker_main() -> int:
+    """``bench_serving.py --client-worker``: JSON jobs on stdin, one JSON result line per job."""
+    _warm_client()  # imports openai: a worker without it exits here and the pool says so
+    out = sys.stdout
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        job = json.loads(line)
+        if job.get("cmd") == "exit":
+            break
+        try:
+            res = asyncio.run(_run_job(job))
+            out.write(json.dumps({"results": res}) + "\n")
+        except Exception as e:  # the job itself failed (not one request): report it, keep serving
+            out.write(json.dumps({"failed": f"{type(e).__name__}: {_short(str(e))}"}) + "\n")
+        out.flush()
+    return 0
+
+
+class ClientPool:
+    """Client worker processes; a workload's requests are dealt out among them round robin and all
+    start at one moment (``start_at``, on the shared monotonic clock)."""
+
+    def __init__(self, n: int):
+        self.procs = []
+        for _ in range(max(1, n)):
+            p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--client-worker"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, bufsize=1)
+            self.procs.append(p)
+        for p in self.procs:
+            line = p.stdout.readline()
+            if not line or not json.loads(line).get("ready"):
+                self.close()
+                raise RuntimeError("a client worker did not start: is the openai package installed?")
+
+    def run(self, url: str, model: str, requests: list[dict], *, gaps: bool = False, timeout: float = 900.0,
+            lead_s: float | None = None) -> tuple[list[dict], float]:
+        """Runs ``requests`` (each: prompt, max_tokens, at, kwargs, extra); returns one record per
+        request in order and the start time (``lead_s`` from now: time for every worker to read
+        its share first)."""
+        for i, r in enumerate(requests):
+            r["i"] = i
+        shares = [requests[k :: len(self.procs)] for k in range(len(self.procs))]
+        if lead_s is None:
+            lead_s = min(0.5, 0.05 + 0.002 * len(requests))
+        start_at = time.monotonic() + lead_s
+        used = []
+        for p, share in zip(self.procs, shares):
+            if share:
+                job = {"url": url, "model": model, "requests": share, "start_at": start_at, "gaps": gaps, "timeout": timeout}
+                p.stdin.write(json.dumps(job) + "\n")
+                p.stdin.flush()
+                used.append(p)
+        out: list[dict] = []
+        for p in used:
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError("a client worker exited during a workload")
+            msg = json.loads(line)
+            if "failed" in msg:
+                raise RuntimeError(f"a client worker failed: {msg['failed']}")
+            out.extend(msg["results"])
+        out.sort(key=lambda r: r["i"])
+        return out, start_at
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    p.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+                    p.stdin.flush()
+                    p.wait(10)
+                except (OSError, subprocess.TimeoutExpired):
+                    p.kill()
+                    p.wait()
+
+
+# ================================================================================================
+# The server under test
+# ================================================================================================
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Samples without labels of Prometheus text: name -> value."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            parts = line.split()
+            if len(parts) >= 2:
+                try:
+                    out[parts[0]] = float(parts[1])
+                except ValueError:
+                    pass
+    return out
+
+
+class Server:
+    """A `kiln serve` subprocess on a free port, its output in ``log_path``."""
+
+    def __init__(self, engine: str, log_path: str, api_server_count: int = 1, extra: list[str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        cmd = [sys.executable, "-m", "kiln.launch.cli", "serve", engine, "--port", str(self.port),
+               "--api-server-count", str(api_server_count), *(extra or [])]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self, timeout: float) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kiln serve exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if http_get(self.url + "/health", timeout=2)[0] == 200:
+                    return time.monotonic() - t0
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"kiln serve did not become healthy in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(http_get(self.url + "/metrics")[1])
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            with open(self.log_path) as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 120.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class MetricsSampler:
+    """Scrapes /metrics every ``every_s`` while a workload runs: the engine core's step count and
+    busy seconds, requests running and waiting."""
+
+    def __init__(self, server: Server, every_s: float = 0.2):
+        self.server = server
+        self.every_s = every_s
+        self.samples: list[tuple[float, float, float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                m = self.server.metrics()
+                self.samples.append((time.monotonic(), m.get("kiln_engine_steps", 0.0),
+                                     m.get("kiln_engine_busy_seconds_total", m.get("kiln_engine_busy_seconds", 0.0)),
+                                     m.get("kiln_requests_running", 0.0), m.get("kiln_requests_waiting", 0.0)))
+            except OSError:
+                pass
+            self._stop.wait(self.every_s)
+
+    def step_ms(self, batch: int) -> dict:
+        """The engine core's busy time per step over the intervals that began and ended with
+        ``batch`` requests running and none waiting (median of intervals, and pooled)."""
+        per, steps, busy = [], 0.0, 0.0
+        for a, b in zip(self.samples, self.samples[1:]):
+            if a[3] == b[3] == batch and a[4] == b[4] == 0 and b[1] > a[1]:
+                per.append((b[2] - a[2]) / (b[1] - a[1]) * 1000)
+                steps += b[1] - a[1]
+                busy += b[2] - a[2]
+        return {"server_step_ms_p50": round(statistics.median(per), 3) if per else None,
+                "server_step_ms_pooled": round(busy / steps * 1000, 3) if steps else None,
+                "server_steps_counted": int(steps)}
+
+
+# ================================================================================================
+# Workloads
+# ================================================================================================
+def pct(xs: list[float], q: float) -> float | None:
+    """The q-th percentile, linearly interpolated (numpy's default)."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _r(x, nd=2):
+    return None if x is None else round(x, nd)
+
+
+def tokens_range(vocab: int) -> tuple[int, int]:
+    """Prompt token ids are drawn from here: clear of the lowest (special, byte) ids."""
+    hi = min(vocab, 32000)
+    return min(1000, hi // 4), hi
+
+
+class Prompts:
+    """Random prompts of token ids; every prompt starts with a fresh token sequence, so no two
+    share a KV block (no prefix-cache hits between requests)."""
+
+    def __init__(self, vocab: int, seed: int):
+        self.lo, self.hi = tokens_range(vocab)
+        self.rng = random.Random(seed)
+
+    def make(self, n: int) -> list[int]:
+        return [self.rng.randrange(self.lo, self.hi) for _ in range(n)]
+
+
+def summarize(res: list[dict], start_at: float, *, include=None) -> dict:
+    """Throughput and latency percentiles of a workload's request records (``include``: the
+    indices that count; throughput still counts every request's tokens)."""
+    chosen = [r for r in res if include is None or r["i"] in include]
+    ok = [r for r in chosen if "error" not in r]
+    errors = [r["error"] for r in chosen if "error" in r]
+    all_ok = [r for r in res if "error" not in r]
+    end = max((r["t_end"] for r in res), default=start_at)
+    wall = max(1e-9, end - start_at)
+    tokens = sum(r["tokens"] for r in all_ok)
+    ttft = [(r["t_first"] - r["t_send"]) * 1000 for r in ok if r["t_first"] is not None]
+    tpot = [(r["t_last"] - r["t_first"]) / (r["tokens"] - 1) * 1000 for r in ok
+            if r["t_first"] is not None and r["tokens"] > 1]
+    lat = [(r["t_end"] - r["t_send"]) for r in ok]
+    gaps = [g * 1000 for r in ok for g in r.get("gaps", ())]
+    chunks = sum(r["chunks"] for r in ok)
+    out = {
+        "requests": len(chosen), "completed": len(ok), "errors": len(errors),
+        "output_tokens": tokens, "wall_s": round(wall, 3), "output_tokens_per_s": round(tokens / wall, 2),
+        "ttft_ms_p50": _r(pct(ttft, 50)), "ttft_ms_p99": _r(pct(ttft, 99)), "ttft_ms_mean": _r(statistics.fmean(ttft) if ttft else None),
+        "tpot_ms_p50": _r(pct(tpot, 50), 3), "tpot_ms_p99": _r(pct(tpot, 99), 3),
+        "latency_s_p50": _r(pct(lat, 50), 3),
+        "chunks_per_token": _r(chunks / sum(r["tokens"] for r in ok), 3) if ok and sum(r["tokens"] for r in ok) else None,
+        "finish_reasons": sorted({f for r in ok for f in r["finish"]}),
+    }
+    if gaps:
+        out["itl_ms_p50"] = _r(pct(gaps, 50), 3)
+        out["itl_ms_p99"] = _r(pct(gaps, 99), 3)
+    if errors:
+        out["error_examples"] = sorted(set(errors))[:3]
+    return out
+
+
+def _req(prompt: list[int], max_tokens: int, at: float = 0.0, temperature: float = 0.0, **more) -> dict:
+    return {"prompt": prompt, "max_tokens": max_tokens, "at": at, "temperature": temperature, **more}
+
+
+def ttft_lengths(n: int, lo: int, hi: int, rng: random.Random) -> list[int]:
+    """``n`` lengths, one drawn uniformly from each of ``n`` equal parts of [lo, hi]."""
+    edges = [lo + (hi - lo) * k / n for k in range(n + 1)]
+    return [rng.randint(int(math.ceil(edges[k])), int(edges[k + 1])) for k in range(n)]
+
+
+def run_fresh_ttft(pool, url, model, prompts: Prompts, lengths: list[int], temperature: float) -> dict:
+    first, second = [], []
+    for n in lengths:
+        for bucket in (first, second):
+            (r,), _ = pool.run(url, model, [_req(prompts.make(n), 1, temperature=temperature)])
+            if "error" in r or r["t_first"] is None:
+                raise RuntimeError(f"fresh-TTFT request of {n} tokens failed: {r.get('error')}")
+            bucket.append((r["t_first"] - r["t_send"]) * 1000)
+    ratios = [a / b for a, b in zip(first, second)]
+    return {"lengths": lengths, "first_ms": [round(x, 2) for x in first], "second_ms": [round(x, 2) for x in second],
+            "ratios": [round(x, 3) for x in ratios], "max_ratio": round(max(ratios), 3)}
+
+
+def run_concurrent(pool, server, url, model, prompts: Prompts, clients: int, prompt_len: int, out_len: int,
+                   temperature: float, gaps: bool = True) -> tuple[dict, list[tuple[list[int], int]]]:
+    reqs = [(prompts.make(prompt_len), out_len) for _ in range(clients)]
+    with MetricsSampler(server) as ms:
+        res, t0 = pool.run(url, model, [_req(p, o, temperature=temperature) for p, o in reqs], gaps=gaps)
+    return {**summarize(res, t0), **ms.step_ms(clients), "clients": clients}, reqs
+
+
+def run_batch1(pool, server, url, model, prompts: Prompts, prompt_len: int, out_len: int, runs: int,
+               temperature: float) -> tuple[dict, list[tuple[list[int], int]]]:
+    rows, reqs = [], []
+    with MetricsSampler(server, every_s=0.1) as ms:
+        for _ in range(runs):
+            p = prompts.make(prompt_len)
+            reqs.append((p, out_len))
+            res, t0 = pool.run(url, model, [_req(p, out_len, temperature=temperature)], gaps=True)
+            rows.append(summarize(res, t0))
+    bad = [r for r in rows if r["errors"]]
+    if bad:
+        raise RuntimeError(f"batch-1 request failed: {bad[0].get('error_examples')}")
+    tpots = [r["tpot_ms_p50"] for r in rows]
+    return {"runs": runs, "tpot_ms_runs": tpots, "tpot_ms": _r(statistics.median(tpots), 3),
+            "ttft_ms_runs": [r["ttft_ms_p50"] for r in rows], "itl_ms_p50": rows[-1].get("itl_ms_p50"),
+            "chunks_per_token": rows[-1]["chunks_per_token"], **ms.step_ms(1)}, reqs
+
+
+def run_burst(pool, url, model, prompts: Prompts, clients: int, prompt_len: int, out_len: int, temperature: float) -> dict:
+    res, t0 = pool.run(url, model, [_req(prompts.make(prompt_len), out_len, temperature=temperature) for _ in range(clients)])
+    return {**summarize(res, t0), "clients": clients}
+
+
+def stall_special(variant: str, vocab: int, out_len: int) -> dict:
+    """The request fields of one stall variant (openai kwargs, extra_body)."""
+    lo, hi = tokens_range(vocab)
+    if variant == "penalties":
+        return {"kwargs": {"presence_penalty": 0.5, "frequency_penalty": 0.5}, "extra": {"repetition_penalty": 1.1}}
+    if variant == "n2":
+        return {"kwargs": {"n": 2}}
+    if variant == "grammar":
+        return {"extra": {"response_format": {"type": "json_object"}}}
+    if variant == "min_tokens":
+        return {"extra": {"min_tokens": out_len}}
+    if variant == "logprobs":
+        return {"kwargs": {"logprobs": 5}}
+    if variant == "logit_bias":
+        return {"kwargs": {"logit_bias": {str(lo + k): -2.0 for k in range(8)}}}
+    raise ValueError(f"unknown stall variant {variant!r}: use {', '.join(STALL_VARIANTS)}")
+
+
+def run_stall(pool, url, model, prompts: Prompts, batch: int, prompt_len: int, out_len: int, variants: list[str],
+              vocab: int, temperature: float) -> dict:
+    base_res, t0 = pool.run(url, model, [_req(prompts.make(prompt_len), out_len, temperature=temperature) for _ in range(batch)])
+    base = summarize(base_res, t0)
+    out = {"batch": batch, "prompt_tokens": prompt_len, "output_tokens": out_len,
+           "baseline": {k: base[k] for k in ("tpot_ms_p50", "tpot_ms_p99", "output_tokens_per_s", "errors")}, "variants": {}}
+    others = set(range(1, batch))
+    for v in variants:
+        reqs = [_req(prompts.make(prompt_len), out_len, temperature=temperature) for _ in range(batch)]
+        reqs[0].update(stall_special(v, vocab, out_len))
+        res, t0 = pool.run(url, model, reqs)
+        s = summarize(res, t0, include=others)
+        special = res[0]
+        served = special.get("error") is None
+        row = {"others_tpot_ms_p50": s["tpot_ms_p50"], "others_tpot_ms_p99": s["tpot_ms_p99"],
+               "others_errors": s["errors"], "output_tokens_per_s": s["output_tokens_per_s"],
+               # a refused special request leaves a plain batch one smaller: no cost to report
+               "others_tpot_vs_plain": _r(s["tpot_ms_p50"] / base["tpot_ms_p50"], 3)
+               if served and s["tpot_ms_p50"] and base["tpot_ms_p50"] else None,
+               "special_tokens": special["tokens"], "special_error": special.get("error")}
+        if special.get("error") is None and special["t_first"] is not None and special["tokens"] > 1 and v != "n2":
+            row["special_tpot_ms"] = _r((special["t_last"] - special["t_first"]) / (special["tokens"] - 1) * 1000, 3)
+        out["variants"][v] = row
+    return out
 
 
 def lognormal_int(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma)))))
 
 
-def workload(n: int, seed: int, prompt_median: int, output_median: int, vocab_lo: int = 1000, vocab_hi: int = 30000):
-    rng = random.Random(seed)
-    out = []
+def poisson_requests(prompts: Prompts, n: int, rate: float, prompt_median: int, output_median: int, max_seq_len: int,
+                     rng: random.Random, temperature: float) -> list[dict]:
+    reqs, at = [], 0.0
     for _ in range(n):
-        p = lognormal_int(rng, prompt_median, 0.8, 8, prompt_median * 8)
-        o = lognormal_int(rng, output_median, 0.6, 4, output_median * 6)
-        out.append(([rng.randrange(vocab_lo, vocab_hi) for _ in range(p)], o))
+        p = lognormal_int(rng, prompt_median, 0.8, 8, min(prompt_median * 8, max_seq_len // 2))
+        o = lognormal_int(rng, output_median, 0.6, 4, min(output_median * 6, max_seq_len - p - 1))
+        reqs.append(_req(prompts.make(p), o, at=at, temperature=temperature))
+        if math.isfinite(rate):
+            at += rng.expovariate(rate)
+    return reqs
+
+
+def run_poisson(pool, url, model, prompts: Prompts, rates: list[float], n: int, prompt_median: int, output_median: int,
+                max_seq_len: int, seed: int, temperature: float) -> list[dict]:
+    rows = []
+    for k, rate in enumerate(rates):
+        reqs = poisson_requests(prompts, n, rate, prompt_median, output_median, max_seq_len, random.Random(seed + 100 + k),
+                                temperature)
+        res, t0 = pool.run(url, model, reqs)
+        s = summarize(res, t0)
+        row = {"rate_req_s": rate if math.isfinite(rate) else "inf",
+               **{k2: s[k2] for k2 in ("completed", "errors", "output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99",
+                                       "tpot_ms_p50", "tpot_ms_p99", "latency_s_p50")}}
+        print(f"  poisson {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
+# ================================================================================================
+# The engine's own speed: LLM.generate on the same requests, in this process
+# ================================================================================================
+class StepTimer:
+    """Times each ``LLMEngine.step`` of an ``LLM`` with the batch it ran: running and waiting
+    counts before the step, and whether every running sequence had at most one token to run."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.steps: list[tuple[bool, int, float]] = []
+        self._orig = engine.step
+        engine.step = self._step
+
+    def _step(self):
+        sch = self.engine.scheduler
+        running = sch.running
+        decode = not sch.waiting and all(s.uncomputed <= 1 for s in running)
+        n = len(running)
+        t = time.perf_counter()
+        out = self._orig()
+        self.steps.append((decode, n, time.perf_counter() - t))
+        return out
+
+    def decode_ms(self, batch: int) -> tuple[float | None, int]:
+        xs = [s for d, n, s in self.steps if d and n == batch]
+        return (round(statistics.median(xs) * 1000, 3) if xs else None), len(xs)
+
+
+def engine_side(outs) -> dict:
+    ttft = [(o.metrics["first_token"] - o.metrics["arrival"]) * 1000 for o in outs if "first_token" in o.metrics]
+    tpot = [(o.metrics["finish"] - o.metrics["first_token"]) / (len(o.outputs[0].token_ids) - 1) * 1000
+            for o in outs if "first_token" in o.metrics and "finish" in o.metrics and len(o.outputs[0].token_ids) > 1]
+    return {"ttft_ms_p50": _r(pct(ttft, 50)), "tpot_ms_p50": _r(pct(tpot, 50), 3)}
+
+
+def run_engine(engine_dir: str, concurrent_reqs, batch1_reqs, temperature: float) -> dict:
+    from kiln.runtime import LLM, SamplingParams
+
+    t = time.monotonic()
+    llm = LLM(engine_dir)
+    out: dict = {"load_s": round(time.monotonic() - t, 1)}
+    timer = StepTimer(llm.engine)
+    sp = lambda m: SamplingParams(max_tokens=m, temperature=temperature, ignore_eos=True)  # noqa: E731
+    try:
+        warm = (concurrent_reqs or batch1_reqs)[0][0]
+        llm.generate([warm[: max(1, len(warm) // 2)]], sp(4))
+        if concurrent_reqs:
+            timer.steps.clear()
+            t = time.perf_counter()
+            outs = llm.generate([p for p, _ in concurrent_reqs], [sp(o) for _, o in concurrent_reqs])
+            wall = time.perf_counter() - t
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            step, n = timer.decode_ms(len(concurrent_reqs))
+            out["concurrent"] = {"output_tokens": tokens, "wall_s": round(wall, 3), "output_tokens_per_s": round(tokens / wall, 2),
+                                 "step_ms_at_batch": step, "steps_at_batch": n, "batch": len(concurrent_reqs), **engine_side(outs)}
+        if batch1_reqs:
+            tpots, steps = [], []
+            for p, o in batch1_reqs:
+                timer.steps.clear()
+                (res,) = llm.generate([p], sp(o))
+                tpots.append(engine_side([res])["tpot_ms_p50"])
+                steps.append(timer.decode_ms(1)[0])
+            out["batch1"] = {"tpot_ms_runs": tpots, "decode_ms_per_token": _r(statistics.median(tpots), 3),
+                             "step_ms_p50": _r(statistics.median([s for s in steps if s is not None]), 3) if any(steps) else None}
+        out["async_scheduling"] = bool(getattr(llm.engine, "async_scheduling", False))
+    finally:
+        llm.shutdown()
+        del llm
     return out
 
 
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+# ================================================================================================
+# Criteria, checks, the record
+# ================================================================================================
+def criterion(name: str, value, what: str, source: str | None = None, errors: int = 0) -> dict:
+    """One criterion's row; requests that failed in its workload fail it whatever the figure."""
+    op, limit = LIMITS[name]
+    ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
+    if errors:
+        ok = False
+    row = {"value": None if value is None else round(value, 4), "op": op, "limit": limit, "pass": ok, "what": what}
+    if source:
+        row["reference"] = source
+    if errors:
+        row["failed_requests"] = errors
+    return row
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first = None
-    n = 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            return {"error": r.status_code}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                if first is None:
-                    first = time.perf_counter()
-            if chunk.get("usage"):
-                n = chunk["usage"]["completion_tokens"]
-    end = time.perf_counter()
-    first = first or end
-    return {"ttft": first - t0, "tpot": (end - first) / max(1, n - 1), "tokens": n, "latency": end - t0}
-
-
-async def run_rate(url: str, model: str, reqs, rate: float, seed: int) -> dict:
-    rng = random.Random(seed)
-    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1024)) as client:
-        tasks = []
-        t0 = time.perf_counter()
-        for prompt, out in reqs:
-            tasks.append(asyncio.create_task(one(client, url, model, prompt, out)))
-            await asyncio.sleep(rng.expovariate(rate))
-        res = await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
-    ok = [r for r in res if "error" not in r]
-    toks = sum(r["tokens"] for r in ok)
+def server_checks(final_metrics: dict, log_text: str) -> dict:
+    """/metrics and the logs under the split: figures from the engine core (steps, busy time)
+    and from the API server (token counts, latency histograms); log lines of each process."""
+    procs = sorted({tok[5:] for line in log_text.splitlines() for tok in line.split() if tok.startswith("proc=")})
     return {
-        "rate_req_s": rate,
-        "completed": len(ok),
-        "errors": len(res) - len(ok),
-        "output_tokens_per_s": round(toks / wall, 2),
-        "ttft_ms_p50": round(pct([r["ttft"] for r in ok], 50) * 1000, 1),
-        "ttft_ms_p99": round(pct([r["ttft"] for r in ok], 99) * 1000, 1),
-        "tpot_ms_p50": round(pct([r["tpot"] for r in ok], 50) * 1000, 2),
-        "tpot_ms_p99": round(pct([r["tpot"] for r in ok], 99) * 1000, 2),
-        "latency_s_p50": round(pct([r["latency"] for r in ok], 50), 2),
+        "metrics_from_core": final_metrics.get("kiln_engine_steps", 0) > 0 and
+                             final_metrics.get("kiln_engine_busy_seconds_total", 0) > 0,
+        "metrics_from_api_server": final_metrics.get("kiln_generation_tokens_total", 0) > 0 and
+                                   final_metrics.get("kiln_time_to_first_token_seconds_count", 0) > 0,
+        "engine_steps": final_metrics.get("kiln_engine_steps"),
+        "engine_busy_s": _r(final_metrics.get("kiln_engine_busy_seconds_total"), 3),
+        "generation_tokens": final_metrics.get("kiln_generation_tokens_total"),
+        "preemptions": final_metrics.get("kiln_preemptions_total"),
+        "log_procs": procs,
+        "logs_from_core_and_api": "core" in procs and any(p.startswith("api") for p in procs),
     }
 
 
-def engine_tokens_per_s(engine: str, reqs) -> float:
-    """Output tokens/s of ``LLM.generate`` over the same requests (greedy, ignore_eos), all at once."""
-    from kiln.runtime import LLM, SamplingParams
+def engine_settings(engine_dir: str) -> dict:
+    cfg = json.load(open(os.path.join(engine_dir, "engine.json")))
+    b = cfg.get("build", {})
+    return {"model": cfg.get("model_name") or os.path.basename(os.path.normpath(engine_dir)),
+            "vocab_size": int(cfg["model"]["vocab_size"]), "dtype": b.get("dtype"), "max_seq_len": int(b.get("max_seq_len", 2048)),
+            "max_batch_size": b.get("max_batch_size"), "max_num_tokens": b.get("max_num_tokens"),
+            "quant": b.get("quant"), "kv_cache_dtype": b.get("kv_cache_dtype"), "tp": b.get("tp"), "pp": b.get("pp"),
+            "weights_at_load": cfg.get("random_weights_seed") is not None}
 
-    with LLM(engine) as llm:
-        params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in reqs]
-        llm.generate([reqs[0][0]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
-        t0 = time.perf_counter()
-        outs = llm.generate([p for p, _ in reqs], params)
-        wall = time.perf_counter() - t0
-    return round(sum(len(o.outputs[0].token_ids) for o in outs) / wall, 2)
+
+def resolve_engine(a) -> str:
+    if a.engine:
+        if not os.path.exists(os.path.join(a.engine, "engine.json")):
+            raise SystemExit(f"bench serving: {a.engine} holds no engine.json: build one with `kiln build`")
+        return a.engine
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from record import build_random_engine
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    model = a.model or ("llama-3-8b" if cuda else "tiny-llama")
+    dtype = a.dtype or ("bfloat16" if cuda else "float32")
+    dev = "cuda" if cuda else "cpu"
+    out = os.path.join(a.engines, f"{model}-{dtype}-{dev}-serving-b{a.build_max_batch_size}-s{a.build_max_seq_len}")
+    return build_random_engine(model, out, dtype=dtype, device=dev, max_batch_size=a.build_max_batch_size,
+                               max_seq_len=a.build_max_seq_len, max_num_tokens=a.build_max_num_tokens, at_load=True)
+
+
+SMOKE = dict(clients=8, prompt_len=32, output_len=16, ttft_min=16, ttft_max=400, burst_clients=8, burst_prompt_len=32,
+             burst_output_len=4, batch1_runs=2, stall_batch=4, stall_output_len=12, rates="16,inf", poisson_requests=8,
+             poisson_prompt_median=32, poisson_output_median=8, stall_variants="penalties,n2,min_tokens,logprobs,logit_bias")
+DEFAULTS = dict(clients=256, prompt_len=200, output_len=200, ttft_min=100, ttft_max=4000, burst_clients=64, burst_prompt_len=200,
+                burst_output_len=32, batch1_runs=3, stall_batch=64, stall_output_len=200, rates="4,8,16,32", poisson_requests=128,
+                poisson_prompt_median=256, poisson_output_median=128, stall_variants=",".join(STALL_VARIANTS))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", default=None, help="engine directory (default: build a random-weight engine of --model)")
+    ap.add_argument("--model", default=None, help="random-weight model to build without --engine (default: llama-3-8b on a "
+                    "GPU, tiny-llama on a CPU); weights are drawn at load")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--engines", default=os.environ.get("KILN_ENGINES", "/tmp/kiln-engines"), help="where to build it")
+    ap.add_argument("--build-max-batch-size", type=int, default=256)
+    ap.add_argument("--build-max-seq-len", type=int, default=4096)
+    ap.add_argument("--build-max-num-tokens", type=int, default=8192)
+    ap.add_argument("--smoke", action="store_true", help="small sizes for every workload (a CPU check of the benchmark)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    ap.add_argument("--engine-ratio", action="store_true",
+                    help="after the server stops, run the concurrent and batch-1 requests through LLM.generate here")
+    ap.add_argument("--api-server-count", type=int, default=1)
+    ap.add_argument("--client-procs", type=int, default=None, help="client processes (default: a quarter of the CPUs, 1-8)")
+    ap.add_argument("--clients", type=int, help="concurrent streams of the concurrent workload (256)")
+    ap.add_argument("--prompt-len", type=int, help="prompt tokens of the concurrent, batch-1 and stall requests (200)")
+    ap.add_argument("--output-len", type=int, help="output tokens of the concurrent and batch-1 requests (200)")
+    ap.add_argument("--ttft-lengths", default=None, help="comma-separated prompt lengths for fresh TTFT (default: five at random)")
+    ap.add_argument("--ttft-min", type=int)
+    ap.add_argument("--ttft-max", type=int)
+    ap.add_argument("--burst-clients", type=int)
+    ap.add_argument("--burst-prompt-len", type=int)
+    ap.add_argument("--burst-output-len", type=int)
+    ap.add_argument("--batch1-runs", type=int)
+    ap.add_argument("--stall-batch", type=int)
+    ap.add_argument("--stall-output-len", type=int)
+    ap.add_argument("--stall-variants", default=None, help=f"comma-separated subset of {','.join(STALL_VARIANTS)}")
+    ap.add_argument("--rates", default=None, help="Poisson arrival rates in requests/s ('inf': all at once)")
+    ap.add_argument("--poisson-requests", type=int, help="requests per rate")
+    ap.add_argument("--poisson-prompt-median", type=int)
+    ap.add_argument("--poisson-output-median", type=int)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrivals (fresh-TTFT lengths are drawn "
+                    "from the system's randomness unless --ttft-lengths)")
+    ap.add_argument("--serve-arg", action="append", default=[], help="one more argument for kiln serve (repeatable)")
+    ap.add_argument("--server-log", default=None, help="keep kiln serve's output here")
+    ap.add_argument("--health-timeout", type=float, default=900.0)
+    ap.add_argument("--no-plot", action="store_true")
+    a = ap.parse_args(argv)
+    base = SMOKE if a.smoke else DEFAULTS
+    for k, v in base.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
+    bad = [w for w in a.workloads if w not in WORKLOADS]
+    if bad:
+        ap.error(f"unknown workloads {bad}: use {','.join(WORKLOADS)}")
+    a.stall_variants = [v.strip() for v in a.stall_variants.split(",") if v.strip()]
+    bad = [v for v in a.stall_variants if v not in STALL_VARIANTS]
+    if bad:
+        ap.error(f"unknown stall variants {bad}: use {','.join(STALL_VARIANTS)}")
+    if a.client_procs is None:
+        a.client_procs = max(1, min(8, (os.cpu_count() or 4) // 4))
+    return a
 
 
 def plot(path: str, rows: list[dict], title: str) -> None:
@@ -120,91 +777,186 @@ def plot(path: str, rows: list[dict], title: str) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
+    rows = [r for r in rows if r["rate_req_s"] != "inf"]
+    if not rows:
+        return
     rates = [r["rate_req_s"] for r in rows]
     fig, ax = plt.subplots(1, 3, figsize=(11, 3.2))
     ax[0].plot(rates, [r["output_tokens_per_s"] for r in rows], "o-")
     ax[0].set_title("output tokens/s")
-    ax[1].plot(rates, [r["ttft_ms_p50"] for r in rows], "o-", label="p50")
-    ax[1].plot(rates, [r["ttft_ms_p99"] for r in rows], "o--", label="p99")
-    ax[1].set_title("TTFT (ms)")
-    ax[1].legend()
-    ax[2].plot(rates, [r["tpot_ms_p50"] for r in rows], "o-", label="p50")
-    ax[2].plot(rates, [r["tpot_ms_p99"] for r in rows], "o--", label="p99")
-    ax[2].set_title("TPOT (ms)")
-    ax[2].legend()
-    for a in ax:
-        a.set_xlabel("arrival rate (req/s)")
+    for i, key in ((1, "ttft"), (2, "tpot")):
+        ax[i].plot(rates, [r[f"{key}_ms_p50"] for r in rows], "o-", label="p50")
+        ax[i].plot(rates, [r[f"{key}_ms_p99"] for r in rows], "o--", label="p99")
+        ax[i].set_title(f"{key.upper()} (ms)")
+        ax[i].legend()
+    for x in ax:
+        x.set_xlabel("arrival rate (req/s)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--engine", required=True)
-    ap.add_argument("--rates", default="0.5,1,2,4")
-    ap.add_argument("--requests", type=int, default=32, help="requests per rate")
-    ap.add_argument("--prompt-median", type=int, default=128)
-    ap.add_argument("--output-median", type=int, default=48)
-    ap.add_argument("--model", default=None, help="model name for the record (default: the engine's)")
-    ap.add_argument("--api-server-count", type=int, default=1, help="API server processes of kiln serve")
-    ap.add_argument("--compare-engine", action="store_true",
-                    help="also run the fastest rate's requests through LLM.generate and record the ratio")
-    a = ap.parse_args()
-    from kiln.runtime.worker import free_port
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    t_all = time.monotonic()
+    timings: dict[str, float] = {}
+    engine_dir = resolve_engine(a)
+    es = engine_settings(engine_dir)
+    max_seq = es["max_seq_len"]
+    model_name = a.model or es["model"]
+    if a.ttft_lengths:
+        lengths = [int(x) for x in a.ttft_lengths.split(",")]
+    else:
+        lengths = ttft_lengths(5, a.ttft_min, min(a.ttft_max, max_seq - 2), random.Random(int.from_bytes(os.urandom(8), "little")))
+    if any(n + 1 >= max_seq for n in lengths) or a.prompt_len + a.output_len > max_seq or a.burst_prompt_len + a.burst_output_len > max_seq:
+        raise SystemExit(f"bench serving: the engine's max_seq_len {max_seq} is too short for these prompt and output lengths")
+    prompts = Prompts(es["vocab_size"], a.seed)
+    log_path = a.server_log or os.path.join(tempfile.mkdtemp(prefix="kiln-bench-serving-"), "serve.log")
+    metrics: dict = {}
+    concurrent_reqs = batch1_reqs = None
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "kiln.launch.cli", "serve", a.engine, "--port", str(port),
-                               "--api-server-count", str(a.api_server_count)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t = time.monotonic()
+    pool = ClientPool(a.client_procs)
+    server = Server(engine_dir, log_path, a.api_server_count, a.serve_arg)
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise RuntimeError("the server did not become healthy")
-        served = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        rows, loads = [], []
-        for i, rate in enumerate(float(r) for r in a.rates.split(",")):
-            reqs = workload(a.requests, seed=i, prompt_median=a.prompt_median, output_median=a.output_median)
-            row = asyncio.run(run_rate(url, served, reqs, rate, seed=100 + i))
-            if row["errors"]:
-                raise RuntimeError(f"{row['errors']} requests failed at {rate} req/s")
-            print(row, flush=True)
-            rows.append(row)
-            loads.append(reqs)
+        timings["server_start_s"] = round(server.wait_healthy(a.health_timeout), 1)
+        status, body = http_get(server.url + "/v1/models")
+        model = json.loads(body)["data"][0]["id"]
+        url = server.url
+        print(f"kiln serve up in {timings['server_start_s']} s at {url} (log {log_path})", flush=True)
+
+        def phase(name, fn):
+            t0 = time.monotonic()
+            r = fn()
+            timings[f"{name}_s"] = round(time.monotonic() - t0, 1)
+            shown = {k: v for k, v in r.items() if not isinstance(v, (list, dict))} if isinstance(r, dict) else r
+            print(f"{name}: {shown}", flush=True)
+            return r
+
+        if "fresh_ttft" in a.workloads:  # first: nothing else may reach the server before it
+            metrics["fresh_ttft"] = phase("fresh_ttft", lambda: run_fresh_ttft(pool, url, model, prompts, lengths, a.temperature))
+            print(f"  lengths {lengths} first {metrics['fresh_ttft']['first_ms']} second {metrics['fresh_ttft']['second_ms']}")
+        if "batch1" in a.workloads:
+            def b1():
+                nonlocal batch1_reqs
+                r, batch1_reqs = run_batch1(pool, server, url, model, prompts, a.prompt_len, a.output_len, a.batch1_runs, a.temperature)
+                return r
+            metrics["batch1"] = phase("batch1", b1)
+        if "burst" in a.workloads:
+            metrics["burst"] = phase("burst", lambda: run_burst(pool, url, model, prompts, a.burst_clients, a.burst_prompt_len,
+                                                                a.burst_output_len, a.temperature))
+        if "concurrent" in a.workloads:
+            def conc():
+                nonlocal concurrent_reqs
+                r, concurrent_reqs = run_concurrent(pool, server, url, model, prompts, a.clients, a.prompt_len, a.output_len,
+                                                    a.temperature)
+                return r
+            metrics["concurrent"] = phase("concurrent", conc)
+        if "stall" in a.workloads:
+            metrics["stall"] = phase("stall", lambda: run_stall(pool, url, model, prompts, a.stall_batch, a.prompt_len,
+                                                                a.stall_output_len, a.stall_variants, es["vocab_size"],
+                                                                a.temperature))
+            for v, row in metrics["stall"]["variants"].items():
+                print(f"  stall {v}: {row}")
+        if "poisson" in a.workloads:
+            rates = [float(r) for r in a.rates.split(",")]
+            metrics["per_rate"] = phase("poisson", lambda: {"rows": run_poisson(
+                pool, url, model, prompts, rates, a.poisson_requests, a.poisson_prompt_median, a.poisson_output_median,
+                max_seq, a.seed, a.temperature)})["rows"]
+        final = server.metrics()
     finally:
-        server.terminate()
-        server.wait(60)
-    cfg = json.load(open(os.path.join(a.engine, "engine.json")))
-    model = a.model or cfg["model_name"]
-    best_i = max(range(len(rows)), key=lambda i: rows[i]["output_tokens_per_s"])
-    best = rows[best_i]
-    metrics = {"per_rate": rows, "output_tokens_per_s": best["output_tokens_per_s"],
-               "ttft_ms_p50": rows[0]["ttft_ms_p50"], "ttft_ms_p99": rows[0]["ttft_ms_p99"],
-               "tpot_ms_p50": rows[0]["tpot_ms_p50"], "tpot_ms_p99": rows[0]["tpot_ms_p99"]}
-    if a.compare_engine:
-        eng = engine_tokens_per_s(a.engine, loads[best_i])
-        metrics["engine_output_tokens_per_s"] = eng
-        metrics["server_to_engine_ratio"] = round(best["output_tokens_per_s"] / eng, 3) if eng else None
-        print(f"LLM.generate: {eng} output tokens/s; the server reached {metrics['server_to_engine_ratio']} of it", flush=True)
-    write_record("serving", model,
-                 {"rates_req_s": [r["rate_req_s"] for r in rows], "requests_per_rate": a.requests,
-                  "prompt_tokens": f"log-normal, median {a.prompt_median}, sigma 0.8", "output_tokens":
-                  f"log-normal, median {a.output_median}, sigma 0.6, ignore_eos", "dtype": cfg["build"]["dtype"],
-                  "api_server_count": a.api_server_count, "compare_engine": a.compare_engine,
-                  "compared_rate_req_s": best["rate_req_s"] if a.compare_engine else None},
-                 metrics)
-    out_dir = os.environ.get("KILN_RESULTS_DIR") or RESULTS
-    plot(os.path.join(out_dir, f"serving-{model}.png"), rows, f"kiln serve: {model}")
+        pool.close()
+        rc = server.stop()
+    timings["server_phase_s"] = round(time.monotonic() - t, 1)
+    with open(log_path) as f:
+        log_text = f.read()
+    checks = server_checks(final, log_text)
+    checks["serve_exit_status"] = rc
+    metrics["server_checks"] = checks
+
+    if a.engine_ratio and (concurrent_reqs or batch1_reqs):
+        t = time.monotonic()
+        metrics["engine"] = run_engine(engine_dir, concurrent_reqs, batch1_reqs, a.temperature)
+        timings["engine_s"] = round(time.monotonic() - t, 1)
+        print(f"engine (LLM.generate): {metrics['engine']}", flush=True)
+
+    # --- the headline figures and the criteria ---------------------------------------------------
+    eng = metrics.get("engine", {})
+    crit = {}
+    conc = metrics.get("concurrent")
+    if conc:
+        metrics.update({k: conc[k] for k in ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")})
+        ec = eng.get("concurrent")
+        if ec:
+            metrics["engine_output_tokens_per_s"] = ec["output_tokens_per_s"]
+            metrics["server_to_engine_ratio"] = round(conc["output_tokens_per_s"] / ec["output_tokens_per_s"], 4)
+        crit["throughput_vs_engine"] = criterion(
+            "throughput_vs_engine", metrics.get("server_to_engine_ratio"),
+            f"server output tok/s over LLM.generate's, {conc['clients']} streams of {a.prompt_len}/{a.output_len} tokens",
+            errors=conc["errors"])
+        step, source = (ec.get("step_ms_at_batch"), "LLM.generate") if ec and ec.get("step_ms_at_batch") else \
+            (conc.get("server_step_ms_p50"), "server /metrics")
+        metrics["engine_step_ms_at_batch"] = step
+        metrics["engine_step_ms_source"] = source if step else None
+        ratio = conc["tpot_ms_p50"] / step if step and conc["tpot_ms_p50"] else None
+        crit["tpot_vs_engine_step"] = criterion("tpot_vs_engine_step", ratio,
+                                                f"TPOT p50 over the engine's step time at batch {conc['clients']}", source,
+                                                errors=conc["errors"])
+    ft = metrics.get("fresh_ttft")
+    if ft:
+        crit["fresh_ttft_first_vs_second"] = criterion(
+            "fresh_ttft_first_vs_second", ft["max_ratio"],
+            f"worst first/second TTFT on a fresh server over prompt lengths {ft['lengths']}")
+    bu = metrics.get("burst")
+    if bu:
+        crit["burst_ttft_p50_ms"] = criterion("burst_ttft_p50_ms", bu["ttft_ms_p50"],
+                                              f"TTFT p50 of {bu['clients']} concurrent {a.burst_prompt_len}-token prompts at once",
+                                              errors=bu["errors"])
+    b1 = metrics.get("batch1")
+    if b1:
+        eb = eng.get("batch1")
+        ref, source = (eb["decode_ms_per_token"], "LLM.generate") if eb and eb.get("decode_ms_per_token") else \
+            (b1.get("server_step_ms_p50"), "server /metrics")
+        b1["engine_decode_ms_per_token"] = ref
+        crit["batch1_tpot_vs_engine_decode"] = criterion(
+            "batch1_tpot_vs_engine_decode", b1["tpot_ms"] / ref if ref and b1["tpot_ms"] else None,
+            "batch-1 streaming TPOT over the engine's batch-1 decode time per token", source)
+    metrics["criteria"] = crit
+    decided = [c["pass"] for c in crit.values() if c["pass"] is not None]
+    metrics["all_pass"] = all(decided) if decided and len(decided) == len(crit) else None
+    timings["total_s"] = round(time.monotonic() - t_all, 1)
+    metrics["timings"] = timings
+
+    settings = {
+        "engine": os.path.basename(os.path.normpath(engine_dir)), **{k: v for k, v in es.items() if k != "model"},
+        "workloads": a.workloads, "smoke": a.smoke, "engine_ratio": a.engine_ratio, "api_server_count": a.api_server_count,
+        "client_procs": a.client_procs, "client": "openai streaming completions, ignore_eos via extra_body",
+        "temperature": a.temperature, "seed": a.seed,
+        "concurrent": {"clients": a.clients, "prompt_tokens": a.prompt_len, "output_tokens": a.output_len},
+        "fresh_ttft": {"lengths": lengths, "output_tokens": 1, "range": [a.ttft_min, a.ttft_max]},
+        "burst": {"clients": a.burst_clients, "prompt_tokens": a.burst_prompt_len, "output_tokens": a.burst_output_len},
+        "batch1": {"runs": a.batch1_runs, "prompt_tokens": a.prompt_len, "output_tokens": a.output_len},
+        "stall": {"batch": a.stall_batch, "prompt_tokens": a.prompt_len, "output_tokens": a.stall_output_len,
+                  "variants": a.stall_variants},
+        "poisson": {"rates_req_s": a.rates, "requests_per_rate": a.poisson_requests,
+                    "prompt_tokens": f"log-normal, median {a.poisson_prompt_median}, sigma 0.8",
+                    "output_tokens": f"log-normal, median {a.poisson_output_median}, sigma 0.6, ignore_eos"},
+        "serve_args": a.serve_arg,
+    }
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from record import RESULTS, write_record
+
+    path = write_record("serving", model_name, settings, metrics)
+    for name, c in crit.items():
+        print(f"{'PASS' if c['pass'] else 'FAIL' if c['pass'] is False else 'n/a '} {name}: {c['value']} {c['op']} {c['limit']}")
+    if metrics.get("per_rate") and not a.no_plot:
+        out_dir = os.environ.get("KILN_RESULTS_DIR") or RESULTS
+        plot(os.path.join(out_dir, f"serving-{model_name}.png"), metrics["per_rate"], f"kiln serve: {model_name}")
+    return {"path": path, "metrics": metrics, "settings": settings}
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--client-worker":
+        sys.exit(worker_main())
     main()

@@ -431,6 +431,7 @@ def _full_body(ctx: _Ctx) -> dict:
 async def _sse_body(ctx: _Ctx, stream):
     sent_text: dict[int, int] = {}
     sent_tok: dict[int, int] = {}
+    sent_ids: dict[int, int] = {}  # tokens each choice's chunks have covered
     done_choices: set[int] = set()
     echoed: set[int] = set()
     mk = chat_chunk if ctx.chat else completion_chunk
@@ -468,8 +469,12 @@ async def _sse_body(ctx: _Ctx, stream):
                                 new_lp = completion_logprobs(entries, len(ctx.echo[p] if ctx.echo else "") + sent_text.get(idx, 0))
                         sent_tok[idx] = len(c.logprobs)
                     reason = _finish(c.finish_reason) if c.finish_reason else None
-                    if not text and reason is None and new_lp is None:
+                    # New tokens get a chunk even when they add no text yet (a partial character,
+                    # a special token, held-back stop-string text): clients time tokens by chunks.
+                    num_ids = len(c.token_ids)
+                    if not text and reason is None and new_lp is None and num_ids <= sent_ids.get(idx, 0):
                         continue
+                    sent_ids[idx] = num_ids
                     sent_text[idx] = len(c.text)
                     if reason is not None:
                         done_choices.add(idx)

@@ -1,0 +1,87 @@
+"""`kiln bench serving` end to end on the CPU, at smoke sizes: it starts its own `kiln serve`,
+runs every workload through the openai client, then the same requests through `LLM.generate`,
+and writes one record with every figure and each criterion decided."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+CRITERIA = {"throughput_vs_engine", "tpot_vs_engine_step", "fresh_ttft_first_vs_second", "burst_ttft_p50_ms",
+            "batch1_tpot_vs_engine_decode"}
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and x > 0
+
+
+def test_bench_serving_smoke_writes_a_full_record(small_engine, tmp_path):
+    results = tmp_path / "results"
+    env = dict(os.environ, KILN_RESULTS_DIR=str(results), TOKENIZERS_PARALLELISM="false")
+    clients, prompt_len, out_len = 4, 16, 8
+    cmd = [sys.executable, "-m", "kiln.launch.cli", "bench", "serving", "--engine", small_engine, "--smoke", "--engine-ratio",
+           "--clients", str(clients), "--prompt-len", str(prompt_len), "--output-len", str(out_len),
+           "--ttft-min", "16", "--ttft-max", "96", "--burst-clients", "4", "--burst-prompt-len", "16",
+           "--burst-output-len", "2", "--batch1-runs", "1", "--stall-batch", "3", "--stall-output-len", "4",
+           "--stall-variants", "penalties,n2,logit_bias", "--rates", "inf", "--poisson-requests", "4",
+           "--poisson-prompt-median", "16", "--poisson-output-median", "4", "--client-procs", "1",
+           "--server-log", str(tmp_path / "serve.log"), "--no-plot"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, (p.stdout[-4000:], p.stderr[-4000:])
+    (path,) = glob.glob(str(results / "serving-cpu-*.json"))
+    rec = json.load(open(path))
+    assert rec["benchmark"] == "serving" and rec["device"] == "cpu"
+    for key in ("commit", "date", "model", "settings", "metrics"):
+        assert rec[key], key
+    s, m = rec["settings"], rec["metrics"]
+    assert s["engine_ratio"] and s["smoke"] and s["concurrent"] == {"clients": clients, "prompt_tokens": prompt_len,
+                                                                    "output_tokens": out_len}
+
+    # 256-stream workload at smoke size, and the same requests through LLM.generate
+    c = m["concurrent"]
+    assert c["completed"] == clients and c["errors"] == 0
+    assert c["output_tokens"] == clients * out_len and c["finish_reasons"] == ["length"]  # ignore_eos reached the engine
+    assert c["chunks_per_token"] is not None and 0 < c["chunks_per_token"] <= 1
+    eng = m["engine"]["concurrent"]
+    assert eng["output_tokens"] == clients * out_len and eng["batch"] == clients
+    assert _positive(eng["output_tokens_per_s"]) and _positive(eng["step_ms_at_batch"]) and eng["steps_at_batch"] > 0
+    for key in ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "engine_output_tokens_per_s",
+                "server_to_engine_ratio", "engine_step_ms_at_batch"):
+        assert _positive(m[key]), key
+    assert m["ttft_ms_p50"] <= m["ttft_ms_p99"] and m["tpot_ms_p50"] <= m["tpot_ms_p99"]
+    assert m["engine_step_ms_source"] == "LLM.generate"
+    assert abs(m["server_to_engine_ratio"] - m["output_tokens_per_s"] / m["engine_output_tokens_per_s"]) < 1e-3
+
+    # a fresh server: five random lengths in the range, two requests each
+    ft = m["fresh_ttft"]
+    assert len(ft["lengths"]) == 5 and ft["lengths"] == s["fresh_ttft"]["lengths"] and all(16 <= n <= 96 for n in ft["lengths"])
+    assert all(_positive(x) for x in ft["first_ms"] + ft["second_ms"])
+    assert ft["max_ratio"] == max(ft["ratios"])
+
+    b1, bu = m["batch1"], m["burst"]
+    assert _positive(b1["tpot_ms"]) and _positive(b1["engine_decode_ms_per_token"])
+    assert bu["completed"] == 4 and bu["errors"] == 0 and _positive(bu["ttft_ms_p50"])
+
+    st = m["stall"]
+    assert _positive(st["baseline"]["tpot_ms_p50"])
+    assert st["variants"]["penalties"]["special_error"] is None and _positive(st["variants"]["penalties"]["others_tpot_vs_plain"])
+    assert st["variants"]["n2"]["special_tokens"] == 2 * 4  # two completions of four tokens
+    lb = st["variants"]["logit_bias"]  # not supported by the server: refused, and no cost reported
+    assert lb["special_error"].startswith("HTTP 400") and lb["others_tpot_vs_plain"] is None
+
+    (row,) = m["per_rate"]
+    assert row["rate_req_s"] == "inf" and row["completed"] == 4 and row["errors"] == 0
+
+    chk = m["server_checks"]
+    assert chk["metrics_from_core"] and chk["metrics_from_api_server"] and chk["logs_from_core_and_api"]
+    assert chk["serve_exit_status"] == 0 and chk["generation_tokens"] > 0
+
+    assert set(m["criteria"]) == CRITERIA
+    for name, crit in m["criteria"].items():
+        assert crit["pass"] in (True, False) and _positive(crit["value"]), name
+        assert crit["pass"] == (crit["value"] >= crit["limit"] if crit["op"] == ">=" else crit["value"] <= crit["limit"]), name
+    assert m["all_pass"] == all(c["pass"] for c in m["criteria"].values())
+    assert m["timings"]["total_s"] > 0
