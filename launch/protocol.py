@@ -117,8 +117,6 @@ class _SamplingRequest(_Model):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
-        if self.logit_bias:
-            raise ProtocolError("logit_bias is not supported", param="logit_bias")
         fields: dict[str, Any] = {
             "n": self.n,
             "max_tokens": max_tokens,
@@ -138,6 +136,7 @@ class _SamplingRequest(_Model):
             "frequency_penalty": self.frequency_penalty or 0.0,
             "skip_special_tokens": True if self.skip_special_tokens is None else self.skip_special_tokens,
             "min_tokens": self.min_tokens or 0,
+            "logit_bias": self.logit_bias or None,
             "response_format": self.response_format.to_engine() if self.response_format else None,
         }
         try:

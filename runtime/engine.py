@@ -110,6 +110,8 @@ class LLMEngine:
         vocab = self.config.model.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
             raise RequestError(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise RequestError(f"logit_bias token ids must be in 0..{vocab - 1}", param="logit_bias")
         if len(ids) >= self.max_seq_len or len(ids) + (params.min_tokens or 0) > self.max_seq_len:
             raise RequestError(
                 f"this model's maximum context length is {self.max_seq_len} tokens, but the prompt has {len(ids)} tokens",

@@ -201,7 +201,7 @@ class ModelRunner:
         """Greedy with nothing that needs the full logits row (the same answer on every rank)."""
         st = self.seqs[sid]
         p = st.params
-        if not p.greedy or p.needs_penalties or p.logprobs is not None or (masks and sid in masks):
+        if not p.greedy or p.needs_penalties or p.logit_bias or p.logprobs is not None or (masks and sid in masks):
             return False
         return not (st.token_ids and len(st.token_ids) - st.num_prompt < p.min_tokens)
 

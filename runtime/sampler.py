@@ -2,7 +2,8 @@
 
 Per row, in order:
 
-1. grammar ``allowed_mask`` and ``min_tokens`` masking (EOS and stop token ids get ``-inf``);
+1. ``logit_bias`` added, then grammar ``allowed_mask`` and ``min_tokens`` masking (EOS and stop
+   token ids get ``-inf``);
 2. repetition penalty over prompt and output tokens (positive logits divided, negative multiplied);
 3. presence and frequency penalties over output tokens only;
 4. log-probabilities, taken from ``log_softmax`` of the logits so far (before temperature);
@@ -62,7 +63,7 @@ class SampleResult:
 
 def _needs_processing(row: SampleRow) -> bool:
     p = row.params
-    if row.allowed_mask is not None or p.needs_penalties:
+    if row.allowed_mask is not None or p.needs_penalties or p.logit_bias:
         return True
     if len(row.output_token_ids) < p.min_tokens and (row.eos_token_ids or p.stop_token_ids):
         return True
@@ -182,9 +183,14 @@ class Sampler:
 
     @staticmethod
     def _mask_row(proc: torch.Tensor, j: int, row: SampleRow, vocab: int) -> bool:
-        """Apply the grammar mask and the min_tokens ban; say whether anything was masked."""
+        """Add the logit bias, apply the grammar mask and the min_tokens ban; say whether anything
+        was masked."""
         p = row.params
         touched = False
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < vocab]
+            if ids:
+                proc[j, h2d(ids, torch.long, proc.device)] += h2d([p.logit_bias[t] for t in ids], proc.dtype, proc.device)
         if row.allowed_mask is not None:
             mask = row.allowed_mask.to(device=proc.device, dtype=torch.bool)
             if mask.numel() < vocab:

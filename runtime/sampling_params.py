@@ -5,6 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+MAX_LOGIT_BIAS = 1024
+"""Token ids one request may bias."""
+
+
 class SamplingParams(BaseModel):
     """How to pick each next token and when to stop.
 
@@ -30,6 +34,9 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="CTRL-style penalty on seen tokens")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = Field(
+        None, description="added to these token ids' logits before anything else (OpenAI's -100..100)"
+    )
     skip_special_tokens: bool = True
     response_format: dict | None = Field(
         None,
@@ -50,6 +57,20 @@ class SamplingParams(BaseModel):
     def _stop_nonempty(cls, v: list[str]) -> list[str]:
         if any(s == "" for s in v):
             raise ValueError("stop strings must be non-empty")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if not v:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids")
+        for tok, b in v.items():
+            if not 0 <= tok < 1 << 31:
+                raise ValueError("logit_bias keys must be token ids (0 to 2^31 - 1)")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError("logit_bias values must be in -100..100")
         return v
 
     @field_validator("response_format")

@@ -69,8 +69,8 @@ def test_bench_serving_smoke_writes_a_full_record(small_engine, tmp_path):
     assert _positive(st["baseline"]["tpot_ms_p50"])
     assert st["variants"]["penalties"]["special_error"] is None and _positive(st["variants"]["penalties"]["others_tpot_vs_plain"])
     assert st["variants"]["n2"]["special_tokens"] == 2 * 4  # two completions of four tokens
-    lb = st["variants"]["logit_bias"]  # not supported by the server: refused, and no cost reported
-    assert lb["special_error"].startswith("HTTP 400") and lb["others_tpot_vs_plain"] is None
+    lb = st["variants"]["logit_bias"]
+    assert lb["special_error"] is None and lb["special_tokens"] == 4 and _positive(lb["others_tpot_vs_plain"])
 
     (row,) = m["per_rate"]
     assert row["rate_req_s"] == "inf" and row["completed"] == 4 and row["errors"] == 0

@@ -315,3 +315,31 @@ def test_generator_on_sampler_only_when_unseeded():
         ra = a(logits, [row(), row(seed=1, generator=ga), row()])
         rb = b(logits, [row(), row(seed=2, generator=gb), row()])
         assert (ra[0].token_id, ra[2].token_id) == (rb[0].token_id, rb[2].token_id)
+
+
+def test_logit_bias_is_added_before_everything_else():
+    logits = random_logits(7, n=3)
+    top = int(logits[0].argmax())
+    low = int(logits[0].argmin())
+    rows = [row(temperature=0.0), row(temperature=0.0, logit_bias={low: 100.0}),
+            row(temperature=0.0, logit_bias={top: -100.0}, logprobs=1)]
+    res = Sampler(seed=0)(logits[[0, 0, 0]].clone(), rows)
+    assert res[0].token_id == top and res[1].token_id == low
+    biased = logits[0].clone()
+    biased[top] -= 100.0
+    assert res[2].token_id == int(biased.argmax())
+    # the log-probability is the biased distribution's (as OpenAI reports it)
+    assert res[2].logprob == pytest.approx(float(torch.log_softmax(biased, -1)[res[2].token_id]), abs=1e-5)
+    # sampled: a token biased by -100 is never drawn; one biased by +100 always is
+    draws = draw_many(logits[0], 400, temperature=1.0, logit_bias={top: -100.0})
+    assert not (draws == top).any()
+    assert (draw_many(logits[0], 50, temperature=1.0, logit_bias={low: 100.0}) == low).all()
+
+
+def test_logit_bias_checked():
+    with pytest.raises(ValueError):
+        SamplingParams(logit_bias={3: 100.5})
+    with pytest.raises(ValueError):
+        SamplingParams(logit_bias={-1: 1.0})
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    assert SamplingParams(logit_bias={"17": -3}).logit_bias == {17: -3.0}

@@ -250,3 +250,50 @@ async def _unpenalized(srv, body):
     async with httpx.AsyncClient(timeout=120) as client:
         r = await client.post(srv.url + "/v1/completions", json=body, headers=_auth())
         return r.json()["choices"][0]["text"]
+
+
+def test_logit_bias(env):
+    """OpenAI's logit_bias: +100 makes greedy pick that token at every step, -100 bans the token
+    greedy would pick; batched with plain greedy requests, every other output is what it is alone;
+    keys that are not token ids of this vocabulary and values outside -100..100 are a 400."""
+    import asyncio
+
+    srv, client, ref, s = env
+    forced = ref.token_ids[3]
+    offline = s.generate(PROMPT, SamplingParams(max_tokens=4, temperature=0.0, logit_bias={forced: 100})).outputs[0]
+    assert offline.token_ids == [forced] * 4
+    r = client.completions.create(model="smollm", prompt=PROMPT, max_tokens=4, temperature=0,
+                                  logit_bias={str(forced): 100})
+    assert r.choices[0].text == offline.text
+    first = ref.token_ids[0]
+    r = client.completions.create(model="smollm", prompt=PROMPT, max_tokens=1, temperature=0, logprobs=0,
+                                  logit_bias={str(first): -100})
+    banned = s.generate(PROMPT, SamplingParams(max_tokens=1, temperature=0.0, logit_bias={first: -100})).outputs[0]
+    assert banned.token_ids[0] != first and r.choices[0].text == banned.text
+
+    plain = [{"model": "smollm", "prompt": f"Item {i}: the weather today is", "max_tokens": 8, "temperature": 0,
+              "ignore_eos": True} for i in range(4)]
+    bodies = [*plain, {**plain[0], "prompt": PROMPT, "logit_bias": {str(first): -100}}]
+
+    async def one(c, body):
+        resp = await c.post(srv.url + "/v1/completions", json=body, headers=_auth())
+        assert resp.status_code == 200, resp.text
+        return resp.json()["choices"][0]["text"]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*(one(c, b) for b in bodies))
+
+    async def alone():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return [await one(c, b) for b in plain]
+
+    batched = asyncio.run(together())
+    assert batched[:-1] == asyncio.run(alone()) and batched[-1].startswith(banned.text)
+
+    for bias, param in (({"x": 1}, "logit_bias"), ({"5": 101}, "logit_bias"), ({"99999999": 1}, "logit_bias"),
+                        ({str(1 << 40): 1}, "logit_bias")):
+        resp = httpx.post(srv.url + "/v1/completions", json={"model": "smollm", "prompt": "hi", "logit_bias": bias},
+                          headers=_auth())
+        assert resp.status_code == 400, (bias, resp.text)
+        assert resp.json()["error"]["param"].startswith(param), resp.text
