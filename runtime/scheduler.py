@@ -49,8 +49,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        keys = [self._key(s) for s in self.waiting]
-        self.waiting.insert(bisect.bisect_right(keys, self._key(seq)), seq)
+        bisect.insort_right(self.waiting, seq, key=self._key)
 
     def add_running(self, seq: Sequence) -> None:
         seq.status = SeqStatus.RUNNING
@@ -79,6 +78,7 @@ class Scheduler:
         seq.sent_table = None
         seq.num_computed = 0
         seq.bm_len = 0
+        seq.draft, seq.spec_k, seq.spec_resync = None, 0, False
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)
@@ -102,15 +102,17 @@ class Scheduler:
             if seq.num_pending and self._ends_by_length(seq):
                 i += 1  # its last token is in flight: it finishes when that token is seen
                 continue
+            draft, seq.draft = seq.draft or [], None
+            draft = draft[: max(0, budget - seq.uncomputed)] if seq.uncomputed == 1 else []
             pending = seq.token_ids[seq.bm_len :]
-            if pending and not self._make_room(seq, len(pending)):
+            if (pending or draft) and not self._make_room(seq, len(pending) + len(draft)):
                 continue  # seq itself was preempted; the list shifted
-            if pending:
-                plan.copies.extend(self.bm.append_slots(seq.seq_id, pending))
+            if pending or draft:
+                plan.copies.extend(self.bm.append_slots(seq.seq_id, pending + draft))
                 seq.bm_len = len(seq.token_ids)
-            n = min(seq.uncomputed, budget)
+            n = min(seq.uncomputed, budget) + len(draft)
             if n > 0:
-                self._emit(plan, seq, n)
+                self._emit(plan, seq, n, draft)
                 scheduled.add(seq.seq_id)
                 budget -= n
             i += 1
@@ -181,9 +183,9 @@ class Scheduler:
                 return False
         return True
 
-    def _emit(self, plan: StepPlan, seq: Sequence, n: int) -> None:
+    def _emit(self, plan: StepPlan, seq: Sequence, n: int, draft: list[int] = ()) -> None:
         table = self.bm.live_table(seq.seq_id)
-        sample = seq.num_computed + n == len(seq.token_ids)
+        sample = seq.num_computed + n == len(seq.token_ids) + len(draft)
         if seq.sent_table is None:
             req = seq.request
             seed = None if req.params.seed is None else req.params.seed + seq.index
@@ -218,14 +220,18 @@ class Scheduler:
                     block_start=start,
                     new_blocks=list(table[start:]),
                     sample=sample,
+                    draft_token_ids=list(draft),
+                    num_computed=seq.num_computed if seq.spec_resync else -1,
                 )
             )
+            seq.spec_resync = False
             del old[start:]
             old.extend(table[start:])
         if seq.request.wants_prompt_logprobs(seq.num_computed, n, seq.num_prompt):
             plan.prompt_logprobs.append(seq.seq_id)
         seq.sent_len = len(seq.token_ids)
         self.bm.mark_computed(seq.seq_id, seq.num_computed)  # KV of earlier steps is in the cache now
+        seq.spec_base, seq.spec_k = seq.num_computed, len(draft)
         seq.num_computed += n
 
     def fork(self, parent: Sequence, child: Sequence, plan: StepPlan) -> None:
