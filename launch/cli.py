@@ -145,8 +145,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--launcher", default="local", choices=["local", "torchrun", "ray"])
     p.add_argument("--topology", default=None)
     p.add_argument("--draft-engine", default=None)
-    p.add_argument("--speculative", default="none", choices=["none", "draft-target", "ngram"])
-    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--speculative", default="none", choices=["none", "ngram", "draft-target", "eagle", "medusa"],
+                   help="speculative decoding: ngram (prompt lookup, no model)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="proposals per step and request at most (1..16)")
     p.add_argument("--device", default=None)
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
@@ -180,8 +181,22 @@ def cmd_serve(a) -> int:
         a.topology_spec = load_topology(a.topology)  # one clear line on a bad file, before anything starts
     elif a.topology:
         raise CLIError("--topology only applies to --launcher ray")
-    if a.speculative != "none" or a.draft_engine:
-        raise CLIError("speculative decoding is not available in this version: drop --speculative/--draft-engine")
+    a.speculative_config = None
+    if a.speculative in ("draft-target", "eagle", "medusa") or a.draft_engine:
+        raise CLIError(f"--speculative {a.speculative if a.speculative != 'none' else 'draft-target'} is not available "
+                       "in this version: use --speculative ngram, and drop --draft-engine")
+    if a.speculative == "ngram":
+        if a.launcher == "ray":
+            raise CLIError("--speculative runs with --launcher local or torchrun in this version")
+        from kiln.runtime.speculative import parse_config
+
+        a.speculative_config = {"method": "ngram", "num_speculative_tokens": a.num_speculative_tokens}
+        try:
+            parse_config(a.speculative_config)
+        except ValueError as e:
+            raise CLIError(f"invalid --num-speculative-tokens: {e}") from None
+    elif a.num_speculative_tokens != 4:
+        raise CLIError("--num-speculative-tokens needs --speculative ngram")
     return serve(a)
 
 

@@ -351,7 +351,8 @@ def _load(cfg: dict):
         return make_ray_engine(cfg["engine"], cfg["_topology"], device=cfg.get("device"), num_kv_blocks=cfg.get("num_kv_blocks"))
     from kiln.runtime.engine import LLMEngine
 
-    return LLMEngine(cfg["engine"], launcher=launcher, device=cfg.get("device"), num_kv_blocks=cfg.get("num_kv_blocks"))
+    return LLMEngine(cfg["engine"], launcher=launcher, device=cfg.get("device"), num_kv_blocks=cfg.get("num_kv_blocks"),
+                     speculative_config=cfg.get("speculative_config"))
 
 
 def _write_status(path: str | None, status: dict) -> None:
@@ -448,8 +449,8 @@ def _shutdown(engine, topology) -> None:
 def main() -> int:
     """``python -m kiln.launch.engine_core`` with a JSON object on stdin: ``engine``, ``address``
     (ipc:// or tcp://127.0.0.1:PORT), ``launcher``, ``topology`` (Ray), ``device``,
-    ``num_kv_blocks``, ``max_queue``, ``grace_period``, ``parent_pid``, ``status_file`` (where a
-    load failure is written as ``{"error", "usage"}``)."""
+    ``num_kv_blocks``, ``speculative_config``, ``max_queue``, ``grace_period``, ``parent_pid``,
+    ``status_file`` (where a load failure is written as ``{"error", "usage"}``)."""
     from kiln.launch.procs import read_config
 
     return run_core(read_config())

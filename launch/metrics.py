@@ -33,10 +33,13 @@ _ENGINE_GAUGES = (
     ("kiln_kv_blocks_free", "KV cache blocks free", "kv_blocks_free"),
     ("kiln_prefix_cache_hit_rate", "prefix cache hit rate", "prefix_cache_hit_rate"),
     ("kiln_engine_steps", "engine steps run", "steps"),
+    ("kiln_spec_acceptance_rate", "share of speculative proposals that stood", "spec_acceptance_rate"),
 )
 _ENGINE_COUNTERS = (
     ("kiln_preemptions", "sequences preempted by the scheduler", "preemptions"),
     ("kiln_engine_busy_seconds", "seconds the engine core spent in steps", "core_busy_s"),
+    ("kiln_spec_proposed_tokens", "speculative tokens proposed", "spec_proposed_tokens"),
+    ("kiln_spec_accepted_tokens", "speculative tokens that stood", "spec_accepted_tokens"),
 )
 
 

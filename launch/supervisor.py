@@ -70,6 +70,7 @@ class Supervisor:
         return {"engine": a.engine, "address": self.core_address, "launcher": getattr(a, "launcher", "local"),
                 "topology": getattr(a, "topology", None), "device": getattr(a, "device", None),
                 "num_kv_blocks": getattr(a, "num_kv_blocks", None), "max_queue": getattr(a, "max_queue", None),
+                "speculative_config": getattr(a, "speculative_config", None),
                 "grace_period": float(getattr(a, "grace_period", 30.0)), "parent_pid": os.getpid(),
                 "status_file": self.status_file}
 

@@ -303,6 +303,22 @@ class BlockManager:
 
     abort = free
 
+    def truncate(self, seq_id, num_tokens: int) -> None:
+        """Drops the sequence's tokens from ``num_tokens`` on (rejected speculative proposals) and
+        the blocks no token needs any more. The dropped tokens must not be in cached blocks."""
+        s = self._seq(seq_id)
+        bs = self.block_size
+        if num_tokens > len(s.tokens):
+            raise BlockManagerError(f"sequence {seq_id!r}: cannot truncate {len(s.tokens)} tokens to {num_tokens}")
+        if num_tokens < s.sealed * bs:
+            raise BlockManagerError(f"sequence {seq_id!r}: position {num_tokens} is in a cached block")
+        del s.tokens[num_tokens:]
+        del s.hashes[num_tokens // bs :]
+        keep = self._blocks_for(num_tokens)
+        for b in reversed(s.table[keep:]):
+            self._decref(b)
+        del s.table[keep:]
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash; evictable blocks become plainly free."""
         for b in list(self._evictable):

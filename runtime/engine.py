@@ -19,6 +19,7 @@ from kiln.runtime.prompt_logprobs import add_prompt_logprobs
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Request, Sequence, SeqStatus
+from kiln.runtime.speculative import NgramProposer, parse_config
 
 
 def _no_text(token_ids) -> None:
@@ -51,6 +52,7 @@ class LLMEngine:
         executor=None,
         scheduler_policy: str = "guaranteed_no_evict",
         async_scheduling: bool | None = None,
+        speculative_config=None,
     ):
         self.loaded = loaded or load_engine(
             engine_dir, launcher=launcher, device=device, num_kv_blocks=num_kv_blocks, max_num_tokens=max_num_tokens,
@@ -72,6 +74,9 @@ class LLMEngine:
         self.forward_s = 0.0
         self._seqs_by_id: dict[int, Sequence] = {}
         self._grammars = None
+        self.spec = parse_config(speculative_config)
+        self.proposer = NgramProposer(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min) if self.spec else None
+        self.spec_proposed = self.spec_accepted = self.spec_steps = 0
         # Overlapped scheduling: step N+1 is planned and launched before step N's tokens are read
         # back, so the host's work (scheduling, input preparation, detokenization) runs while the
         # device computes. Needs an executor that can launch without waiting; on by default on a GPU.
@@ -178,6 +183,8 @@ class LLMEngine:
         overlap = self._can_overlap()  # scheduling below only removes requests: it stays valid
         if self._inflight is not None and not overlap:
             self._drain()
+        if self.spec is not None:
+            self._propose()
         plan = self.scheduler.schedule()
         for seq, msg in self.scheduler.failed:
             req = seq.request
@@ -216,7 +223,7 @@ class LLMEngine:
     def _can_overlap(self) -> bool:
         """Whether the next step may be planned before the last one's tokens are seen: not while a
         sequence needs its full history on the host to sample (grammar, penalties) or forks (n > 1)."""
-        if not self.async_scheduling:
+        if not self.async_scheduling or self.spec is not None:
             return False
         for q in (self.scheduler.running, self.scheduler.waiting):
             for seq in q:
@@ -272,7 +279,46 @@ class LLMEngine:
                 plan.cached.append(CachedSeq(child.seq_id, [], 0, len(child.sent_table), [], True))
             req.forked = True
 
+    # --- speculative decoding --------------------------------------------------------------------
+    def _propose(self) -> None:
+        """Proposals for each running sequence that decodes next step (the scheduler takes them).
+        Not for n > 1, grammars or logprobs; never past max_tokens or the context length."""
+        k_max = self.spec.num_speculative_tokens
+        for seq in self.scheduler.running:
+            if seq.sent_table is None or seq.uncomputed != 1 or seq.num_pending:
+                continue
+            p = seq.request.params
+            if p.n > 1 or seq.grammar is not None or p.logprobs is not None:
+                continue
+            left = self.max_seq_len - len(seq.token_ids)
+            if p.max_tokens is not None:
+                left = min(left, p.max_tokens - seq.num_output)
+            k = min(k_max, left - 1)
+            if k > 0:
+                seq.draft = self.proposer.propose(seq.token_ids, k) or None
+
+    def _rollback(self, result: StepResult) -> None:
+        """After a speculative step: each such sequence keeps the KV of its last token and of the
+        proposals that stand; the block manager drops the rest (their blocks were never cached)."""
+        counts: dict[int, int] = {}
+        for st in result.sampled:
+            counts[st.seq_id] = counts.get(st.seq_id, 0) + 1
+        for sid, c in counts.items():
+            seq = self._seqs_by_id.get(sid)
+            if seq is None or seq.finished or not seq.spec_k:
+                continue
+            keep = seq.spec_base + c  # the last token and c - 1 proposals
+            seq.num_computed = seq.bm_len = keep
+            self.block_manager.truncate(sid, keep)
+            seq.spec_resync = True
+            self.spec_proposed += seq.spec_k
+            self.spec_accepted += c - 1
+            self.spec_steps += 1
+            seq.spec_k = 0
+
     def _process(self, result: StepResult) -> None:
+        if self.spec is not None:
+            self._rollback(result)
         for pl in result.prompt_logprobs:  # before the tokens: a request may finish on this step's token
             seq = self._seqs_by_id.get(pl.seq_id)
             if seq is not None and seq.request.prompt_logprobs is not None:
@@ -404,4 +450,8 @@ class LLMEngine:
     def stats(self) -> dict:
         s = self.scheduler.stats()
         s["steps"] = self.num_steps
+        if self.spec is not None:
+            s["spec_proposed_tokens"] = self.spec_proposed
+            s["spec_accepted_tokens"] = self.spec_accepted
+            s["spec_acceptance_rate"] = self.spec_accepted / self.spec_proposed if self.spec_proposed else 0.0
         return s

@@ -17,7 +17,10 @@ class LLM:
     ``"torchrun"`` or ``"ray"`` (placed on a Ray cluster as ``topology`` describes: a file from
     ``cluster_configs/``, a path or a ``Topology``; data-parallel replicas, failover, restarts).
     ``num_kv_blocks``, ``enable_prefix_caching``, ``max_num_tokens`` and ``max_batch_size`` override
-    the engine's defaults.
+    the engine's defaults; ``scheduler_policy`` is "guaranteed_no_evict" (admit only what can
+    finish without preemption) or "max_utilization"; ``speculative_config`` turns on speculative
+    decoding (``kiln.runtime.speculative.SpeculativeConfig``, e.g. ``{"method": "ngram",
+    "num_speculative_tokens": 4}``).
     """
 
     def __init__(
@@ -33,8 +36,13 @@ class LLM:
         seed: int | None = None,
         topology=None,
         scheduler_policy: str = "guaranteed_no_evict",
+        speculative_config: dict | None = None,
     ):
         if launcher == "ray":
+            if speculative_config is not None:
+                raise ValueError("speculative decoding runs with the local and torchrun launchers in this version")
+            if scheduler_policy != "guaranteed_no_evict":
+                raise ValueError("scheduler_policy is fixed to guaranteed_no_evict under the ray launcher in this version")
             from kiln.launch.ray_launcher import make_ray_engine
 
             self.engine = make_ray_engine(
@@ -45,7 +53,7 @@ class LLM:
             self.engine = LLMEngine(
                 engine, launcher=launcher, device=device, num_kv_blocks=num_kv_blocks,
                 enable_prefix_caching=enable_prefix_caching, max_num_tokens=max_num_tokens, max_batch_size=max_batch_size,
-                seed=seed,
+                seed=seed, scheduler_policy=scheduler_policy, speculative_config=speculative_config,
             )
         self.engine.stream_outputs = False
         self.tokenizer = self.engine.tokenizer

@@ -23,6 +23,7 @@ from kiln.runtime.plan import SampledToken, StepPlan, StepResult, params_from_wi
 from kiln.runtime.prompt_logprobs import finish_prompt_logprobs, launch_prompt_logprobs, prompt_spans
 from kiln.runtime.sampler import Sampler, SampleRow
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.speculative import verify
 from kiln.runtime.transfer import h2d
 
 
@@ -60,6 +61,7 @@ class ModelRunner:
         self.last_step_decode_only = False
         self.last_step_seqs = 0
         self.seqs: dict[int, SeqState] = {}
+        self._drafts: dict[int, tuple[int, list[int]]] = {}
         self._prev_tokens: torch.Tensor | None = None  # the last launched step's sampled tokens (device)
         self._prev_rows: dict[int, tuple[int, int]] = {}  # seq id -> (row in _prev_tokens, position)
         self._fix = None
@@ -85,9 +87,15 @@ class ModelRunner:
             gen = Sampler.make_generator(seed, self.device) if seed is not None else None
             self.seqs[child] = SeqState(list(p.token_ids), p.num_prompt, p.num_computed, list(p.block_table), p.params, gen)
             self._fork_parent[child] = parent
+        self._drafts: dict[int, tuple[int, list[int]]] = {}  # seq id -> (tokens before the proposals, proposals)
         for c in plan.cached:
             st = self.seqs[c.seq_id]
             st.token_ids.extend(c.new_token_ids)
+            if c.num_computed >= 0:
+                st.num_computed = c.num_computed
+            if c.draft_token_ids:
+                self._drafts[c.seq_id] = (len(st.token_ids), list(c.draft_token_ids))
+                st.token_ids.extend(c.draft_token_ids)
             del st.block_table[c.block_start :]
             st.block_table.extend(c.new_blocks)
             work.append((c.seq_id, c.num_tokens, c.sample))
@@ -250,6 +258,40 @@ class ModelRunner:
             return None
         return h
 
+    # --- speculative verification ------------------------------------------------------------------
+    def _launch_verify(self, hidden: torch.Tensor):
+        """Logits at every position of each speculating sequence: its last token's and one per
+        proposal (computed on every rank: the vocabulary may be split); what ``_finish_verify``
+        needs on the sampling rank, None elsewhere."""
+        order = list(self._drafts)
+        rows = []
+        for sid in order:
+            first, _, n = self._chunks[sid]
+            rows.extend(range(first, first + n))
+        logits = self.model.compute_logits(hidden.index_select(0, h2d(rows, torch.long, self.device)))
+        return (order, [self._drafts[sid][1] for sid in order], logits) if self.samples else None
+
+    def _finish_verify(self, spec) -> list[SampledToken]:
+        """Each speculating sequence's tokens this step: the proposals that stand, then the
+        target's next token (``speculative.verify`` on the distributions the sampler draws from)."""
+        order, drafts, logits = spec
+        rows = []
+        for sid, draft in zip(order, drafts):
+            st = self.seqs[sid]
+            prompt, outputs = st.token_ids[: st.num_prompt], st.token_ids[st.num_prompt :]
+            rows.extend(SampleRow(st.params, prompt, outputs + draft[:j], st.generator, self.eos_token_ids)
+                        for j in range(len(draft) + 1))
+        dist = self.sampler.distributions(logits, rows)
+        out, r = [], 0
+        for sid, draft in zip(order, drafts):
+            st = self.seqs[sid]
+            k = len(draft)
+            gen = st.generator if st.generator is not None else self.sampler.shared_generator(dist.device)
+            a, nxt = verify(dist[r : r + k + 1], draft, st.params.greedy, gen)
+            r += k + 1
+            out.extend(SampledToken(sid, t) for t in (*draft[:a], nxt))
+        return out
+
     # --- one step -------------------------------------------------------------------------------
     def execute(self, plan: StepPlan, allowed_masks: dict[int, torch.Tensor] | None = None) -> StepResult:
         return self.launch(plan, allowed_masks).result()
@@ -300,6 +342,13 @@ class ModelRunner:
         if self.keep_logits:
             self.last_logits = self.model.compute_logits(hidden)
         sampled_ids = [sid for sid, _, s in work if s]
+        spec = None
+        if self._drafts:
+            spec = self._launch_verify(hidden)
+            keep = [i for i, sid in enumerate(sampled_ids) if sid not in self._drafts]
+            sampled_ids, sample_rows = [sampled_ids[i] for i in keep], [sample_rows[i] for i in keep]
+            for sid, (base, _) in self._drafts.items():
+                del self.seqs[sid].token_ids[base:]  # proposals live for this step only
         # Where each sampled token will sit in its sequence: the next step may read it from here.
         prev_rows = {sid: (i, len(self.seqs[sid].token_ids)) for i, sid in enumerate(sampled_ids)}
         tokens = draw = None
@@ -355,6 +404,8 @@ class ModelRunner:
                     result.sampled.append(SampledToken(sid, r.token_id, r.logprob, r.rank, r.top_logprobs))
             elif tokens is not None:
                 result.sampled = [SampledToken(sid, t) for sid, t in zip(sampled_ids_host, host.tolist())]
+            if spec:
+                result.sampled.extend(self._finish_verify(spec))
             result.prompt_logprobs = finish_prompt_logprobs(prompt_lp)
             # Placeholders this worker holds for those tokens become the tokens themselves.
             for st_tok in result.sampled:

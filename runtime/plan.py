@@ -41,6 +41,10 @@ class CachedSeq:
     block_start: int              # block-table entries from this index on are replaced by new_blocks
     new_blocks: list[int]
     sample: bool = True
+    draft_token_ids: list[int] = field(default_factory=list)
+    # speculative proposals run after the sequence's tokens this step (counted in num_tokens);
+    # the workers keep them only for this step
+    num_computed: int = -1        # >= 0: the sequence's computed tokens, reset after a speculative step
 
 
 @dataclass

@@ -84,7 +84,8 @@ class Sampler:
         g.manual_seed(int(seed))
         return g
 
-    def _shared_generator(self, device: torch.device) -> torch.Generator:
+    def shared_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of rows without a seed of their own, on ``device``."""
         key = torch.device(device)
         g = self._generators.get(key)
         if g is None:
@@ -131,17 +132,7 @@ class Sampler:
         lp_tensors: list[torch.Tensor] = []
         slow_rows = [rows[i] for i in slow]
         slow_idx = h2d(slow, torch.long, device)
-        proc = logits.index_select(0, slow_idx)  # a copy: the caller's logits stay untouched
-        masked = [j for j, row in enumerate(slow_rows) if self._mask_row(proc, j, row, vocab)]
-        if masked:
-            # A row whose masks left nothing allowed falls back to its unmasked logits.
-            m_idx = h2d(masked, torch.long, device)
-            dead = torch.isneginf(proc.index_select(0, m_idx)).all(dim=-1)
-            if bool(dead.any()):
-                d_idx = m_idx[dead]
-                proc[d_idx] = logits.index_select(0, slow_idx.index_select(0, d_idx))
-        for j, row in enumerate(slow_rows):
-            self._penalise_row(proc, j, row, vocab)
+        proc = self._processed(logits.index_select(0, slow_idx), slow_rows)
 
         chosen = self._choose(proc, slow_rows, device)
         token_ids[slow_idx] = chosen
@@ -155,6 +146,41 @@ class Sampler:
                 logprob_info[slow[j]] = (k, slow_rows[j].params.logprobs)
         lp_host = [t.to("cpu", non_blocking=True) for t in lp_tensors] if lp_tensors else None
         return Draw(token_ids, token_ids.to("cpu", non_blocking=True), lp_host, logprob_info)
+
+    def _processed(self, proc: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """Steps 1-3 on ``proc`` (a copy of the rows' float32 logits, changed in place)."""
+        vocab = proc.shape[1]
+        unmasked = None
+        masked = []
+        for j, row in enumerate(rows):
+            if row.allowed_mask is not None or len(row.output_token_ids) < row.params.min_tokens:
+                if unmasked is None:
+                    unmasked = proc.clone()
+                if self._mask_row(proc, j, row, vocab):
+                    masked.append(j)
+            elif row.params.logit_bias:
+                self._mask_row(proc, j, row, vocab)
+        if masked:
+            # A row whose masks left nothing allowed falls back to its unmasked logits.
+            m_idx = h2d(masked, torch.long, proc.device)
+            dead = torch.isneginf(proc.index_select(0, m_idx)).all(dim=-1)
+            if bool(dead.any()):
+                d_idx = m_idx[dead]
+                proc[d_idx] = unmasked.index_select(0, d_idx)
+        for j, row in enumerate(rows):
+            self._penalise_row(proc, j, row, vocab)
+        return proc
+
+    def distributions(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """What each row draws from, as ``launch`` would: steps 1-3, then for a sampled row
+        temperature, top-k, top-p, min-p and the softmax (probabilities); a greedy row keeps its
+        processed logits, whose argmax is its token. [rows, vocab] float32."""
+        proc = self._processed(logits.float().clone(), rows)
+        sampled = [j for j, r in enumerate(rows) if not r.params.greedy]
+        if sampled:
+            idx = h2d(sampled, torch.long, proc.device)
+            proc[idx] = torch.softmax(self._filtered(proc.index_select(0, idx), [rows[j] for j in sampled]), dim=-1)
+        return proc
 
     @staticmethod
     def launch_greedy(logits: torch.Tensor) -> "Draw":
@@ -234,25 +260,11 @@ class Sampler:
             return chosen
         s_idx = h2d(sampled, torch.long, device)
         s_rows = [rows[j] for j in sampled]
-        x = proc.index_select(0, s_idx)
-        temps = h2d([r.params.temperature for r in s_rows], x.dtype, device)
-        x.div_(temps.unsqueeze(-1))
-
-        ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in s_rows]
-        if any(ks):
-            x = _apply_top_k(x, ks)
-        ps = [r.params.top_p for r in s_rows]
-        if any(pv < 1.0 for pv in ps):
-            x = _apply_top_p(x, ps)
-        mps = [r.params.min_p for r in s_rows]
-        if any(mp > 0.0 for mp in mps):
-            x = _apply_min_p(x, mps)
-
-        probs = torch.softmax(x, dim=-1)
+        probs = torch.softmax(self._filtered(proc.index_select(0, s_idx), s_rows), dim=-1)
         noise = torch.empty_like(probs)
         shared = [k for k, r in enumerate(s_rows) if r.generator is None]
         if shared:
-            g = self._shared_generator(device)
+            g = self.shared_generator(device)
             sh = torch.empty((len(shared), vocab), dtype=probs.dtype, device=device).exponential_(generator=g)
             noise[h2d(shared, torch.long, device)] = sh
         for k, r in enumerate(s_rows):
@@ -264,6 +276,23 @@ class Sampler:
         picks = (probs / noise).argmax(dim=-1)
         chosen[s_idx] = picks
         return chosen
+
+    @staticmethod
+    def _filtered(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """Step 5 before the draw: temperature, top-k, top-p and min-p on sampled rows' logits
+        (``x`` is a copy, scaled in place)."""
+        vocab = x.shape[1]
+        x.div_(h2d([r.params.temperature for r in rows], x.dtype, x.device).unsqueeze(-1))
+        ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]
+        if any(ks):
+            x = _apply_top_k(x, ks)
+        ps = [r.params.top_p for r in rows]
+        if any(pv < 1.0 for pv in ps):
+            x = _apply_top_p(x, ps)
+        mps = [r.params.min_p for r in rows]
+        if any(mp > 0.0 for mp in mps):
+            x = _apply_min_p(x, mps)
+        return x
 
     @staticmethod
     def _logprobs(proc: torch.Tensor, chosen: torch.Tensor, nums: list[int]) -> list[torch.Tensor]:

@@ -44,6 +44,10 @@ class Sequence:
     num_preemptions: int = 0
     grammar: object = None               # a grammar matcher when the output is constrained
     num_pending: int = 0                 # trailing placeholders: tokens launched but not seen yet
+    draft: list[int] | None = None       # speculative proposals for the next step (the scheduler takes them)
+    spec_base: int = 0                   # num_computed before the speculative step in flight
+    spec_k: int = 0                      # proposals in that step (0: none)
+    spec_resync: bool = False            # the workers' num_computed must be reset on the next step
 
     @property
     def output_ids(self) -> list[int]:

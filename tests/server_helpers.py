@@ -27,14 +27,14 @@ class CoreProcess:
     """An engine core process (``python -m kiln.launch.engine_core``) over an engine directory,
     listening on an ipc socket in a private directory; stopped at exit."""
 
-    def __init__(self, engine_dir: str, max_queue: int | None = 1024, grace_period: float = 5.0):
+    def __init__(self, engine_dir: str, max_queue: int | None = 1024, grace_period: float = 5.0, **extra):
         from kiln.launch.procs import spawn
 
         self.dir = tempfile.mkdtemp(prefix="kiln-test-core-")
         self.address = f"ipc://{os.path.join(self.dir, 'core')}"
         self.proc = spawn("kiln.launch.engine_core", {
             "engine": engine_dir, "address": self.address, "max_queue": max_queue, "grace_period": grace_period,
-            "parent_pid": os.getpid(), "status_file": os.path.join(self.dir, "status.json")})
+            "parent_pid": os.getpid(), "status_file": os.path.join(self.dir, "status.json"), **extra})
         atexit.register(self.stop)
 
     def stop(self) -> None:

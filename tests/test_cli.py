@@ -124,6 +124,14 @@ def test_refuses_out_of_range_generate_flags(tiny_engine):
     assert_refused(kiln("generate", tiny_engine, "--prompt", "x", "--top-p", "2"), "--top-p")
 
 
+def test_refuses_speculative_flags_it_cannot_run(tiny_engine):
+    assert_refused(kiln("serve", tiny_engine, "--speculative", "eagle"), "--speculative eagle")
+    assert_refused(kiln("serve", tiny_engine, "--draft-engine", tiny_engine), "--draft-engine")
+    assert_refused(kiln("serve", tiny_engine, "--speculative", "ngram", "--num-speculative-tokens", "0"),
+                   "--num-speculative-tokens")
+    assert_refused(kiln("serve", tiny_engine, "--num-speculative-tokens", "3"), "--speculative ngram")
+
+
 def test_main_returns_code_without_exiting(tmp_path, capsys):
     assert main(["build", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

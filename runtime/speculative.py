@@ -1,0 +1,133 @@
+"""Speculative decoding: a proposer guesses the next tokens of a sequence, the target model checks
+all of them in one forward pass, and the tokens it would have produced itself are kept.
+
+* ``SpeculativeConfig`` is what ``LLM(..., speculative_config=...)`` takes, as vLLM users write it.
+* A proposer has one method, ``propose(token_ids, k) -> list[int]``: at most ``k`` guesses of the
+  tokens that follow ``token_ids``. ``NgramProposer`` (prompt lookup) needs no model: it finds the
+  latest earlier occurrence of the sequence's last n tokens and proposes what followed it.
+* ``verify`` decides, from the target's distribution at each of the ``k + 1`` positions, how many
+  proposals stand and which token comes after them (the correction or the bonus token). Greedy
+  rows keep the proposals that equal the target's argmax, so the output is the target's own token
+  for token. Sampled rows use rejection sampling (Leviathan et al., 2023; Chen et al., 2023):
+  proposal ``d`` with draft probability ``q(d)`` stands with probability ``min(1, p(d) / q(d))``;
+  the first one that falls is replaced by a draw from ``max(0, p - q)`` renormalised, and when all
+  stand one more token is drawn from ``p``. Every emitted token then has the target's
+  distribution. A proposer without a distribution (n-gram) proposes with ``q = 1`` at its token.
+
+Where the coordinator and the workers do their parts is in ``docs/speculative.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SPECULATIVE_TOKENS = 16
+
+
+class SpeculativeConfig(BaseModel):
+    """How the engine speculates. ``method``: "ngram" (prompt lookup: proposals copied from earlier
+    in the sequence); ``num_speculative_tokens``: proposals per step and sequence at most;
+    ``prompt_lookup_max`` / ``prompt_lookup_min``: the longest and shortest trailing n-gram looked
+    up (the longest that matches wins)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["ngram"] = Field(description="the proposer")
+    num_speculative_tokens: int = Field(ge=1, le=MAX_SPECULATIVE_TOKENS, description="proposals per step at most")
+    prompt_lookup_max: int = Field(4, ge=1, le=64, description="longest trailing n-gram looked up")
+    prompt_lookup_min: int = Field(1, ge=1, le=64, description="shortest trailing n-gram looked up")
+
+
+UNBUILT = ("draft", "eagle", "medusa")
+"""Methods vLLM users name that kiln does not run yet: refused with one line, never ignored."""
+
+
+def parse_config(cfg: dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
+    """``speculative_config`` as given to ``LLM``: None, a dict or a ``SpeculativeConfig``;
+    ValueError with one line for a method kiln does not run or a field out of range."""
+    if cfg is None or isinstance(cfg, SpeculativeConfig):
+        return cfg
+    if not isinstance(cfg, dict):
+        raise ValueError(f"speculative_config must be a dict, got {type(cfg).__name__}")
+    method = cfg.get("method")
+    if method in UNBUILT:
+        raise ValueError(f"speculative method {method!r} is not available in this version: use 'ngram'")
+    try:
+        out = SpeculativeConfig(**cfg)
+    except Exception as e:  # pydantic's ValidationError: its first error, on one line
+        errs = getattr(e, "errors", lambda: [])()
+        if errs:
+            loc = ".".join(str(x) for x in errs[0].get("loc", ()))
+            raise ValueError(f"speculative_config.{loc}: {errs[0].get('msg')}") from None
+        raise ValueError(f"speculative_config: {e}") from None
+    if out.prompt_lookup_min > out.prompt_lookup_max:
+        raise ValueError("speculative_config.prompt_lookup_min must not exceed prompt_lookup_max")
+    return out
+
+
+class NgramProposer:
+    """Prompt lookup: for n from ``max_n`` down to ``min_n``, the latest earlier occurrence of the
+    last n tokens; the tokens that followed it (at most k) are the proposal."""
+
+    def __init__(self, max_n: int = 4, min_n: int = 1):
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        size = len(token_ids)
+        if size < 2 or k < 1:
+            return []
+        a = np.asarray(token_ids)
+        for n in range(min(self.max_n, size - 1), self.min_n - 1, -1):
+            # windows starting at 0 .. size - 1 - n: each is followed by at least one token
+            windows = np.lib.stride_tricks.sliding_window_view(a[: size - 1], n)
+            hits = np.flatnonzero((windows == a[size - n :]).all(axis=1))
+            if hits.size:
+                j = int(hits[-1]) + n
+                return token_ids[j : j + k]
+        return []
+
+
+def verify(probs: torch.Tensor, draft: list[int], greedy: bool, generator: torch.Generator | None,
+           draft_probs: torch.Tensor | None = None) -> tuple[int, int]:
+    """(proposals that stand, the token after them) for one sequence.
+
+    ``probs`` [k + 1, vocab]: the target's processed distribution at each position (greedy rows:
+    any scores whose argmax is the target's token); ``draft`` the k proposals; ``draft_probs``
+    [k, vocab] the proposer's distributions (None: all mass on each proposal). Random numbers come
+    from ``generator`` (on ``probs``' device)."""
+    k = len(draft)
+    if probs.shape[0] != k + 1:
+        raise ValueError(f"{probs.shape[0]} rows of target probabilities for {k} proposals")
+    if greedy:
+        target = probs.argmax(dim=-1).tolist()
+        a = 0
+        while a < k and target[a] == draft[a]:
+            a += 1
+        return a, target[a]
+    dev = probs.device
+    u = torch.rand(k, generator=generator, device=dev, dtype=torch.float64).tolist() if k else []
+    for i, d in enumerate(draft):
+        p_d = float(probs[i, d])
+        q_d = 1.0 if draft_probs is None else float(draft_probs[i, d])
+        if q_d > 0 and u[i] < min(1.0, p_d / q_d):
+            continue
+        if draft_probs is None:
+            residual = probs[i].clone()
+            residual[d] = 0.0
+        else:
+            residual = (probs[i] - draft_probs[i]).clamp_min_(0.0)
+        if float(residual.sum()) <= 0.0:  # p was all on d (rounding): nothing else to draw
+            residual = probs[i]
+        return i, _draw(residual, generator)
+    return k, _draw(probs[k], generator)
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index with probability proportional to ``weights`` (the exponential race)."""
+    e = torch.empty_like(weights, dtype=torch.float32).exponential_(generator=generator)
+    e.clamp_min_(torch.finfo(torch.float32).tiny)
+    return int((weights.float() / e).argmax())
