@@ -271,6 +271,11 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, h2d(rows, torch.long, self.device)))
         return (order, [self._drafts[sid][1] for sid in order], logits) if self.samples else None
 
+    def _drop_drafts(self) -> None:
+        """Proposals live for one step: the sequences lose them once the forward pass has run."""
+        for sid, (base, _) in self._drafts.items():
+            del self.seqs[sid].token_ids[base:]
+
     def _finish_verify(self, spec) -> list[SampledToken]:
         """Each speculating sequence's tokens this step: the proposals that stand, then the
         target's next token (``speculative.verify`` on the distributions the sampler draws from)."""
@@ -333,6 +338,7 @@ class ModelRunner:
         for child, parent in self._fork_parent.items():
             self.seqs[child].num_computed = self.seqs[parent].num_computed
         if hidden is None:  # not the last pipeline stage: the hidden states went on to the next
+            self._drop_drafts()
             result.forward_s = time.perf_counter() - t0
             return PendingStep(result)
         prompt_lp = None
@@ -347,8 +353,7 @@ class ModelRunner:
             spec = self._launch_verify(hidden)
             keep = [i for i, sid in enumerate(sampled_ids) if sid not in self._drafts]
             sampled_ids, sample_rows = [sampled_ids[i] for i in keep], [sample_rows[i] for i in keep]
-            for sid, (base, _) in self._drafts.items():
-                del self.seqs[sid].token_ids[base:]  # proposals live for this step only
+            self._drop_drafts()
         # Where each sampled token will sit in its sequence: the next step may read it from here.
         prev_rows = {sid: (i, len(self.seqs[sid].token_ids)) for i, sid in enumerate(sampled_ids)}
         tokens = draw = None

@@ -301,3 +301,20 @@ def test_served_through_the_engine_core(small_engine):
             assert metric(text, "kiln_spec_proposed_tokens_total") >= metric(text, "kiln_spec_accepted_tokens_total")
     finally:
         core.stop()
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2), dict(tp=2, pp=2)])
+def test_parallel_layouts_equal_one_rank(layout, small_checkpoint, tmp_path):
+    """Ranks that do not sample learn how many proposals stood from the next step's plan; the
+    greedy outputs of a tp / pp engine with speculation equal the one-rank engine's without."""
+    from conftest import build_small
+
+    prompts = [list(range(40, 60)) * 3, [7, 8, 9, 10] * 12, list(range(500, 530)) + list(range(500, 510))]
+    sp = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    with LLM(build_small(small_checkpoint, str(tmp_path / "one"))) as llm:
+        ref = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    with LLM(build_small(small_checkpoint, str(tmp_path / "par"), **layout), speculative_config=SPEC) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+        st = llm.stats()
+    assert got == ref
+    assert st["spec_accepted_tokens"] > 0
