@@ -19,9 +19,10 @@ H100, M=4 went to cuBLAS), so nothing is tuned at launch time:
   and keeps the fastest in a module-level table (``tuned_table()`` lists it as JSON-able rows,
   ``load_table(rows)`` puts such rows back).
 * ``linear(x, w, bias=None)`` runs the Triton kernel where the table names a Triton winner for
-  (M, N, K, dtype) and ``F.linear`` everywhere else (CPU tensors, untuned shapes, cuBLAS
-  winners, ``KILN_GEMV=0``). It reads only the table and tensor metadata: no synchronisation,
-  no allocation but the output, so it can be captured in a CUDA graph.
+  (M, N, K, dtype) and ``F.linear`` everywhere else on a GPU (untuned shapes, cuBLAS winners,
+  ``KILN_GEMV=0``); CPU tensors go to ``cpu_linear.linear``. On a GPU it reads only the table and
+  tensor metadata: no synchronisation, no allocation but the output, so it can be captured in a
+  CUDA graph.
 * ``gemv(x, w, config)`` launches the kernel with a given config (tests, benchmarks).
 * ``gemv_ref(x, w, bias)`` is the float32 reference.
 """
@@ -37,7 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels import triton_ops
+from kiln.kernels import cpu_linear, triton_ops
 from kiln.kernels.triton_ops import _gdc_enter, _jit, tl
 
 MAX_ROWS = 4  # the most x rows one program serves (one float32 accumulator tile each)
@@ -344,6 +345,8 @@ def _pick(x: torch.Tensor, w: torch.Tensor, bias, glu: bool):
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for x [..., K], through the Triton kernel where ``tune`` found it
     fastest for this (M, N, K, dtype), M being the number of rows of x."""
+    if x.device.type == "cpu":
+        return cpu_linear.linear(x, w, bias)
     hit = _pick(x, w, bias, False)
     if hit is None:
         return F.linear(x, w, bias)
