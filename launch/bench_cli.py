@@ -16,6 +16,9 @@ BENCHMARKS = {
     "tp": "bench_tp.py",
     "build-parts": "bench_build_parts.py",
     "cluster": "bench_cluster.py",
+    "quant": "bench_quant.py",
+    "perplexity": "bench_perplexity.py",
+    "speculative": "bench_speculative.py",
 }
 
 
