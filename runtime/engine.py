@@ -76,7 +76,7 @@ class LLMEngine:
         self._grammars = None
         self.spec = parse_config(speculative_config)
         self.proposer = NgramProposer(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min) if self.spec else None
-        self.spec_proposed = self.spec_accepted = self.spec_steps = 0
+        self.spec_proposed = self.spec_accepted = 0
         # Overlapped scheduling: step N+1 is planned and launched before step N's tokens are read
         # back, so the host's work (scheduling, input preparation, detokenization) runs while the
         # device computes. Needs an executor that can launch without waiting; on by default on a GPU.
@@ -285,6 +285,7 @@ class LLMEngine:
         Not for n > 1, grammars or logprobs; never past max_tokens or the context length."""
         k_max = self.spec.num_speculative_tokens
         for seq in self.scheduler.running:
+            seq.draft = None  # one left by a step that did not schedule the sequence is stale
             if seq.sent_table is None or seq.uncomputed != 1 or seq.num_pending:
                 continue
             p = seq.request.params
@@ -313,7 +314,6 @@ class LLMEngine:
             seq.spec_resync = True
             self.spec_proposed += seq.spec_k
             self.spec_accepted += c - 1
-            self.spec_steps += 1
             seq.spec_k = 0
 
     def _process(self, result: StepResult) -> None:

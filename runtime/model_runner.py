@@ -61,7 +61,7 @@ class ModelRunner:
         self.last_step_decode_only = False
         self.last_step_seqs = 0
         self.seqs: dict[int, SeqState] = {}
-        self._drafts: dict[int, tuple[int, list[int]]] = {}
+        self._drafts: dict[int, tuple[int, list[int]]] = {}  # seq id -> (tokens before the proposals, proposals)
         self._prev_tokens: torch.Tensor | None = None  # the last launched step's sampled tokens (device)
         self._prev_rows: dict[int, tuple[int, int]] = {}  # seq id -> (row in _prev_tokens, position)
         self._fix = None
@@ -87,7 +87,7 @@ class ModelRunner:
             gen = Sampler.make_generator(seed, self.device) if seed is not None else None
             self.seqs[child] = SeqState(list(p.token_ids), p.num_prompt, p.num_computed, list(p.block_table), p.params, gen)
             self._fork_parent[child] = parent
-        self._drafts: dict[int, tuple[int, list[int]]] = {}  # seq id -> (tokens before the proposals, proposals)
+        self._drafts = {}
         for c in plan.cached:
             st = self.seqs[c.seq_id]
             st.token_ids.extend(c.new_token_ids)

@@ -227,6 +227,15 @@ def test_penalized_request_in_a_greedy_batch_keeps_every_output(env):
                "ignore_eos": True} for i in range(5)]
     bodies.append({**bodies[0], "prompt": "Repeat after me: red red red", "repetition_penalty": 1.5})
 
+    batched, solo = _together_and_alone(srv, bodies)
+    assert batched == solo
+    assert solo[-1] != asyncio.run(_unpenalized(srv, bodies[-1]))
+
+
+def _together_and_alone(srv, bodies: list[dict]) -> tuple[list[str], list[str]]:
+    """The completion texts of ``bodies`` sent at once (one batch), then one at a time."""
+    import asyncio
+
     async def one(client, body):
         r = await client.post(srv.url + "/v1/completions", json=body, headers=_auth())
         assert r.status_code == 200, r.text
@@ -240,9 +249,7 @@ def test_penalized_request_in_a_greedy_batch_keeps_every_output(env):
         async with httpx.AsyncClient(timeout=120) as client:
             return [await one(client, b) for b in bodies]
 
-    batched, solo = asyncio.run(together()), asyncio.run(alone())
-    assert batched == solo
-    assert solo[-1] != asyncio.run(_unpenalized(srv, bodies[-1]))
+    return asyncio.run(together()), asyncio.run(alone())
 
 
 async def _unpenalized(srv, body):
@@ -256,8 +263,6 @@ def test_logit_bias(env):
     """OpenAI's logit_bias: +100 makes greedy pick that token at every step, -100 bans the token
     greedy would pick; batched with plain greedy requests, every other output is what it is alone;
     keys that are not token ids of this vocabulary and values outside -100..100 are a 400."""
-    import asyncio
-
     srv, client, ref, s = env
     forced = ref.token_ids[3]
     offline = s.generate(PROMPT, SamplingParams(max_tokens=4, temperature=0.0, logit_bias={forced: 100})).outputs[0]
@@ -275,21 +280,8 @@ def test_logit_bias(env):
               "ignore_eos": True} for i in range(4)]
     bodies = [*plain, {**plain[0], "prompt": PROMPT, "logit_bias": {str(first): -100}}]
 
-    async def one(c, body):
-        resp = await c.post(srv.url + "/v1/completions", json=body, headers=_auth())
-        assert resp.status_code == 200, resp.text
-        return resp.json()["choices"][0]["text"]
-
-    async def together():
-        async with httpx.AsyncClient(timeout=120) as c:
-            return await asyncio.gather(*(one(c, b) for b in bodies))
-
-    async def alone():
-        async with httpx.AsyncClient(timeout=120) as c:
-            return [await one(c, b) for b in plain]
-
-    batched = asyncio.run(together())
-    assert batched[:-1] == asyncio.run(alone()) and batched[-1].startswith(banned.text)
+    batched, solo = _together_and_alone(srv, bodies)
+    assert batched == solo and solo[-1].startswith(banned.text)
 
     for bias, param in (({"x": 1}, "logit_bias"), ({"5": 101}, "logit_bias"), ({"99999999": 1}, "logit_bias"),
                         ({str(1 << 40): 1}, "logit_bias")):
