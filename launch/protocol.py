@@ -90,6 +90,7 @@ class _SamplingRequest(_Model):
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = Field(None, ge=0)
     skip_special_tokens: bool | None = True
+    speculative: bool | None = True
     include_stop_str_in_output: bool | None = False
     priority: int | None = Field(None, ge=-(1 << 31), le=(1 << 31) - 1)
 
@@ -135,6 +136,7 @@ class _SamplingRequest(_Model):
             "presence_penalty": self.presence_penalty or 0.0,
             "frequency_penalty": self.frequency_penalty or 0.0,
             "skip_special_tokens": True if self.skip_special_tokens is None else self.skip_special_tokens,
+            "speculative": self.speculative is not False,
             "min_tokens": self.min_tokens or 0,
             "logit_bias": self.logit_bias or None,
             "response_format": self.response_format.to_engine() if self.response_format else None,

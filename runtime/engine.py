@@ -282,14 +282,15 @@ class LLMEngine:
     # --- speculative decoding --------------------------------------------------------------------
     def _propose(self) -> None:
         """Proposals for each running sequence that decodes next step (the scheduler takes them).
-        Not for n > 1, grammars or logprobs; never past max_tokens or the context length."""
+        Not for n > 1, grammars, logprobs or ``SamplingParams(speculative=False)``; never past
+        max_tokens or the context length."""
         k_max = self.spec.num_speculative_tokens
         for seq in self.scheduler.running:
             seq.draft = None  # one left by a step that did not schedule the sequence is stale
             if seq.sent_table is None or seq.uncomputed != 1 or seq.num_pending:
                 continue
             p = seq.request.params
-            if p.n > 1 or seq.grammar is not None or p.logprobs is not None:
+            if p.n > 1 or seq.grammar is not None or p.logprobs is not None or not p.speculative:
                 continue
             left = self.max_seq_len - len(seq.token_ids)
             if p.max_tokens is not None:

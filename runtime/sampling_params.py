@@ -38,6 +38,7 @@ class SamplingParams(BaseModel):
         None, description="added to these token ids' logits before anything else (OpenAI's -100..100)"
     )
     skip_special_tokens: bool = True
+    speculative: bool = Field(True, description="may speculate when the engine does (False opts this request out)")
     response_format: dict | None = Field(
         None,
         description='structured output: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}',

@@ -265,6 +265,18 @@ def test_sampling_keeps_the_target_distribution(peaked_engine, top_p):
     assert dof >= 20 and not math.isnan(p) and p > 0.01
 
 
+def test_per_request_opt_out(small_engine):
+    """``SamplingParams(speculative=False)`` runs as a plain row beside requests that speculate."""
+    prompt = [7, 8, 9, 10] * 12
+    llm = LLM(small_engine, speculative_config=SPEC)
+    out = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, speculative=False))
+    assert llm.stats()["spec_proposed_tokens"] == 0
+    both = llm.generate([prompt, prompt], [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, speculative=s)
+                                           for s in (False, True)])
+    assert llm.stats()["spec_proposed_tokens"] > 0
+    assert both[0].outputs[0].token_ids == both[1].outputs[0].token_ids == out[0].outputs[0].token_ids
+
+
 def test_refusals(small_engine):
     with pytest.raises(ValueError, match="not available"):
         LLM(small_engine, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
