@@ -123,7 +123,25 @@ def moe_forward_grouped(x, router_logits, w13, w2, top_k: int, renormalize: bool
     return y.view(t, k, -1).sum(1)
 
 
+def moe_forward_dense(x, router_logits, w13, w2, top_k: int, renormalize: bool, first_expert: int = 0):
+    """``moe_forward_ref`` without host synchronisation or grouped GEMMs: every local expert runs on
+    every row, weighted by that row's routing weight for it (zero where it was not chosen), summed
+    in expert order as the reference does. It reads every local expert, so it serves where nothing
+    else can be captured in a CUDA graph (float32 or float16 weights, GPUs without grouped GEMMs)."""
+    weights, ids = route(router_logits, top_k, renormalize)
+    out = torch.zeros_like(x)
+    for e in range(w13.shape[0]):
+        w_e = torch.where(ids == first_expert + e, weights, 0.0).sum(-1)
+        h = silu_and_mul(F.linear(x, w13[e]))
+        out += F.linear(h, w2[e]) * w_e.unsqueeze(-1).to(x.dtype)
+    return out
+
+
 def moe_forward(x, router_logits, w13, w2, top_k: int, renormalize: bool, first_expert: int = 0):
+    """The layer on this rank: grouped GEMMs where usable; the dense path while a CUDA graph is
+    being captured (the reference loop synchronises with the host); the reference loop elsewhere."""
     if x.shape[0] and grouped_mm_usable(x, w13, w2):
         return moe_forward_grouped(x, router_logits, w13, w2, top_k, renormalize, first_expert)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return moe_forward_dense(x, router_logits, w13, w2, top_k, renormalize, first_expert)
     return moe_forward_ref(x, router_logits, w13, w2, top_k, renormalize, first_expert)

@@ -20,6 +20,7 @@ from kiln.kernels.moe import (
     expert_mlp,
     expert_mlp_grouped,
     expert_mlp_ref,
+    moe_forward_dense,
     moe_forward_grouped,
     moe_forward_ref,
 )
@@ -179,3 +180,17 @@ def test_grouped_path_logic_on_cpu(first_expert, local):
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(expert_mlp(rows, counts, w13, w2), expert_mlp_ref(rows, counts, w13, w2))
 
+
+
+@pytest.mark.parametrize("first_expert, local", [(0, 4), (2, 2), (1, 2)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_dense_path_equals_the_reference(first_expert, local, renormalize):
+    """The path taken while a CUDA graph is captured without grouped GEMMs (float32 engines):
+    every local expert on every row, weighted by its routing weight, equals the routed loop."""
+    g = torch.Generator().manual_seed(3)
+    w13, w2 = _weights()
+    w13, w2 = w13[first_expert : first_expert + local], w2[first_expert : first_expert + local]
+    x = torch.randn(19, H, generator=g)
+    logits = torch.randn(19, E, generator=g)
+    got = moe_forward_dense(x, logits, w13, w2, K, renormalize, first_expert)
+    torch.testing.assert_close(got, moe_forward_ref(x, logits, w13, w2, K, renormalize, first_expert), atol=1e-6, rtol=1e-5)

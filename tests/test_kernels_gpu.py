@@ -537,6 +537,30 @@ def test_moe_forward_grouped_cuda_graph_replay():
         _check_moe(out, moe_forward_ref(x, logits, w13, w2, k, True))
 
 
+def test_moe_forward_float32_cuda_graph_replay():
+    """Without grouped GEMMs (float32 weights) a captured MoE layer takes the dense path, which
+    reads nothing on the host: it captures, and replays new routings as the reference computes them."""
+    from kiln.kernels.moe import moe_forward, moe_forward_ref
+
+    t, e, k, h, i = 8, 8, 2, 256, 128
+    w13, w2 = (w.float() for w in _moe_weights(e, h, i, seed=90))
+    x = _randn(t, h, seed=91, dtype=torch.float32)
+    logits = _randn(t, e, seed=92, scale=2.0, dtype=torch.float32)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        moe_forward(x, logits, w13, w2, k, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_forward(x, logits, w13, w2, k, True)
+    for step in range(3):
+        x.copy_(_randn(t, h, seed=95 + step, dtype=torch.float32))
+        logits.copy_(_randn(t, e, seed=99 + step, scale=2.0, dtype=torch.float32))
+        graph.replay()
+        torch.testing.assert_close(out, moe_forward_ref(x, logits, w13, w2, k, True), atol=1e-4, rtol=1e-4)
+
+
 def test_expert_parallel_path_on_one_rank():
     """The all-to-all MoE path's sorting, counts and regrouping on CUDA tensors (a one-rank comm:
     the collectives are the identity), with the grouped GEMMs inside."""
