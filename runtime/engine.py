@@ -19,7 +19,7 @@ from kiln.runtime.prompt_logprobs import add_prompt_logprobs
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Request, Sequence, SeqStatus
-from kiln.runtime.speculative import NgramProposer, parse_config
+from kiln.runtime.speculative import NgramProposer, ProposalLength, parse_config
 
 
 def _no_text(token_ids) -> None:
@@ -76,6 +76,7 @@ class LLMEngine:
         self._grammars = None
         self.spec = parse_config(speculative_config)
         self.proposer = NgramProposer(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min) if self.spec else None
+        self.proposal_length = ProposalLength(self.spec.num_speculative_tokens, self.spec.min_acceptance) if self.spec else None
         self.spec_proposed = self.spec_accepted = 0
         # Overlapped scheduling: step N+1 is planned and launched before step N's tokens are read
         # back, so the host's work (scheduling, input preparation, detokenization) runs while the
@@ -284,7 +285,6 @@ class LLMEngine:
         """Proposals for each running sequence that decodes next step (the scheduler takes them).
         Not for n > 1, grammars, logprobs or ``SamplingParams(speculative=False)``; never past
         max_tokens or the context length."""
-        k_max = self.spec.num_speculative_tokens
         for seq in self.scheduler.running:
             seq.draft = None  # one left by a step that did not schedule the sequence is stale
             if seq.sent_table is None or seq.uncomputed != 1 or seq.num_pending:
@@ -295,9 +295,10 @@ class LLMEngine:
             left = self.max_seq_len - len(seq.token_ids)
             if p.max_tokens is not None:
                 left = min(left, p.max_tokens - seq.num_output)
-            k = min(k_max, left - 1)
+            k = min(self.proposal_length.k(seq.spec_rate, seq.spec_idle), left - 1)
             if k > 0:
                 seq.draft = self.proposer.propose(seq.token_ids, k) or None
+            seq.spec_idle = 0 if seq.draft else seq.spec_idle + 1
 
     def _rollback(self, result: StepResult) -> None:
         """After a speculative step: each such sequence keeps the KV of its last token and of the
@@ -315,6 +316,7 @@ class LLMEngine:
             seq.spec_resync = True
             self.spec_proposed += seq.spec_k
             self.spec_accepted += c - 1
+            seq.spec_rate = self.proposal_length.update(seq.spec_rate, seq.spec_k, c - 1)
             seq.spec_k = 0
 
     def _process(self, result: StepResult) -> None:

@@ -48,6 +48,8 @@ class Sequence:
     spec_base: int = 0                   # num_computed before the speculative step in flight
     spec_k: int = 0                      # proposals in that step (0: none)
     spec_resync: bool = False            # the workers' num_computed must be reset on the next step
+    spec_rate: float | None = None       # running share of its proposals that stood (None: none verified)
+    spec_idle: int = 0                   # steps since it last proposed
 
     @property
     def output_ids(self) -> list[int]:

@@ -5,6 +5,7 @@ all of them in one forward pass, and the tokens it would have produced itself ar
 * A proposer has one method, ``propose(token_ids, k) -> list[int]``: at most ``k`` guesses of the
   tokens that follow ``token_ids``. ``NgramProposer`` (prompt lookup) needs no model: it finds the
   latest earlier occurrence of the sequence's last n tokens and proposes what followed it.
+* ``ProposalLength`` decides how many tokens each sequence proposes from its running acceptance.
 * ``verify`` decides, from the target's distribution at each of the ``k + 1`` positions, how many
   proposals stand and which token comes after them (the correction or the bonus token). Greedy
   rows keep the proposals that equal the target's argmax, so the output is the target's own token
@@ -32,7 +33,8 @@ class SpeculativeConfig(BaseModel):
     """How the engine speculates. ``method``: "ngram" (prompt lookup: proposals copied from earlier
     in the sequence); ``num_speculative_tokens``: proposals per step and sequence at most;
     ``prompt_lookup_max`` / ``prompt_lookup_min``: the longest and shortest trailing n-gram looked
-    up (the longest that matches wins)."""
+    up (the longest that matches wins); ``min_acceptance``: see ``ProposalLength`` (0 proposes
+    ``num_speculative_tokens`` whenever lookup finds them)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +42,36 @@ class SpeculativeConfig(BaseModel):
     num_speculative_tokens: int = Field(ge=1, le=MAX_SPECULATIVE_TOKENS, description="proposals per step at most")
     prompt_lookup_max: int = Field(4, ge=1, le=64, description="longest trailing n-gram looked up")
     prompt_lookup_min: int = Field(1, ge=1, le=64, description="shortest trailing n-gram looked up")
+    min_acceptance: float = Field(
+        0.02, ge=0.0, lt=1.0,
+        description="propose the j-th token only while the sequence's acceptance rate to the power j is at least this")
+
+
+class ProposalLength:
+    """How many tokens each sequence proposes, from its own running acceptance rate ``a`` (per
+    proposal; an average over its recent verifications that starts at ``prior``): the largest
+    ``j <= k_max`` with ``a ** j >= min_acceptance``, the chance that the j-th proposal is reached
+    and stands against the cost of verifying it. A sequence whose proposals keep falling stops
+    proposing and tries one proposal every ``probe_every`` steps, which updates ``a`` again."""
+
+    def __init__(self, k_max: int, min_acceptance: float, prior: float = 0.5, decay: float = 0.5, probe_every: int = 16):
+        self.k_max, self.min_acceptance = k_max, min_acceptance
+        self.prior, self.decay, self.probe_every = prior, decay, probe_every
+
+    def k(self, rate: float | None, idle_steps: int) -> int:
+        """Proposals for a sequence with running rate ``rate`` (None: no verification yet) that has
+        proposed nothing for ``idle_steps`` steps."""
+        a = self.prior if rate is None else rate
+        k = 0
+        while k < self.k_max and a ** (k + 1) >= self.min_acceptance and a > 0:
+            k += 1
+        if k == 0 and idle_steps + 1 >= self.probe_every:
+            k = 1
+        return k
+
+    def update(self, rate: float | None, proposed: int, accepted: int) -> float:
+        """The running rate after a verification of ``proposed`` proposals of which ``accepted`` stood."""
+        return (1 - self.decay) * (self.prior if rate is None else rate) + self.decay * accepted / proposed
 
 
 UNBUILT = ("draft", "eagle", "medusa")

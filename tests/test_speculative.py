@@ -15,7 +15,7 @@ import torch
 from kiln.runtime import LLM
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.speculative import NgramProposer, parse_config, verify
+from kiln.runtime.speculative import NgramProposer, ProposalLength, parse_config, verify
 from test_batching import TIE, make_workload
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4}
@@ -88,6 +88,45 @@ def test_rejection_sampling_keeps_the_target_distribution(with_draft_probs):
         assert chi2_sf(stat, vocab - 1) > 0.01, (counts, probs)
     if not with_draft_probs:
         assert abs(stood / draws - float(p[0, 2])) < 0.02  # proposal 2 stands with probability p(2)
+
+
+def test_proposal_length_follows_acceptance():
+    pl = ProposalLength(k_max=4, min_acceptance=0.02)
+    assert pl.k(None, 0) == 4 and pl.k(0.9, 0) == 4  # 0.5 ** 4 >= 0.02
+    assert pl.k(0.2, 0) == 2  # 0.2 ** 2 = 0.04 >= 0.02 > 0.2 ** 3
+    assert pl.k(0.01, 0) == 0 and pl.k(0.01, 15) == 1 and pl.k(0.0, 15) == 1  # a probe every 16 idle steps
+    rate = None
+    for _ in range(6):  # nothing ever stands: the rate halves each time
+        rate = pl.update(rate, 4, 0)
+    assert rate == pytest.approx(0.5 ** 7) and pl.k(rate, 0) == 0
+    assert pl.update(rate, 2, 2) > 0.5 and pl.k(pl.update(rate, 2, 2), 0) == 4
+    assert ProposalLength(k_max=3, min_acceptance=0.0).k(0.001, 0) == 3  # 0 proposes up to k_max
+
+
+class _Junk:
+    """Proposes tokens the target never picks (its own vocabulary's last ids)."""
+
+    def propose(self, token_ids, k):
+        return [2047 - i for i in range(k)]
+
+
+def test_falling_proposals_turn_speculation_down(small_engine):
+    """A sequence whose proposals never stand stops proposing after a few steps (a probe every
+    16 steps); its output stays the target's."""
+    prompt = list(range(100, 140))
+    sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    ref = LLM(small_engine).generate([prompt], sp)[0].outputs[0].token_ids
+    llm = LLM(small_engine, speculative_config=SPEC)
+    llm.engine.proposer = _Junk()
+    out = llm.generate([prompt], sp)[0].outputs[0].token_ids
+    st = llm.stats()
+    assert out == ref and 2047 not in ref
+    assert st["spec_accepted_tokens"] == 0
+    assert 0 < st["spec_proposed_tokens"] <= 4 + 4 + 2 + 1 + 1 + 1 + 64 // 16  # 0.5, 0.25, 0.125, ... then probes
+    fixed = LLM(small_engine, speculative_config={**SPEC, "min_acceptance": 0.0})
+    fixed.engine.proposer = _Junk()
+    fixed.generate([prompt], sp)
+    assert fixed.stats()["spec_proposed_tokens"] > 3 * st["spec_proposed_tokens"]
 
 
 def test_bad_configs():
