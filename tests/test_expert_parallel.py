@@ -162,16 +162,20 @@ def _grouped_on_cpu() -> bool:
         return False
 
 
+def _local_case(first_expert: int, local: int, tokens: int, seed: int):
+    """(generator, this rank's w13 and w2 of ``local`` experts from ``first_expert``, x, router logits)."""
+    g = torch.Generator().manual_seed(seed)
+    w13, w2 = _weights()
+    w13, w2 = w13[first_expert : first_expert + local], w2[first_expert : first_expert + local]
+    return g, w13, w2, torch.randn(tokens, H, generator=g), torch.randn(tokens, E, generator=g)
+
+
 @pytest.mark.skipif(not _grouped_on_cpu(), reason="torch._grouped_mm does not run on this CPU build")
 @pytest.mark.parametrize("first_expert, local", [(0, 4), (2, 2), (1, 2)])
 def test_grouped_path_logic_on_cpu(first_expert, local):
     """The grouped path's sorting, offsets and dropping of other ranks' rows, checked in float32
     on the CPU (the bf16 CUDA kernels are compared in test_kernels_gpu.py)."""
-    g = torch.Generator().manual_seed(2)
-    w13, w2 = _weights()
-    w13, w2 = w13[first_expert : first_expert + local], w2[first_expert : first_expert + local]
-    x = torch.randn(23, H, generator=g)
-    logits = torch.randn(23, E, generator=g)
+    g, w13, w2, x, logits = _local_case(first_expert, local, 23, seed=2)
     got = moe_forward_grouped(x, logits, w13, w2, K, True, first_expert)
     torch.testing.assert_close(got, moe_forward_ref(x, logits, w13, w2, K, True, first_expert), atol=1e-5, rtol=1e-5)
     counts = torch.tensor([5, 0, 7, 3][:local])
@@ -181,16 +185,11 @@ def test_grouped_path_logic_on_cpu(first_expert, local):
     torch.testing.assert_close(expert_mlp(rows, counts, w13, w2), expert_mlp_ref(rows, counts, w13, w2))
 
 
-
 @pytest.mark.parametrize("first_expert, local", [(0, 4), (2, 2), (1, 2)])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_dense_path_equals_the_reference(first_expert, local, renormalize):
     """The path taken while a CUDA graph is captured without grouped GEMMs (float32 engines):
     every local expert on every row, weighted by its routing weight, equals the routed loop."""
-    g = torch.Generator().manual_seed(3)
-    w13, w2 = _weights()
-    w13, w2 = w13[first_expert : first_expert + local], w2[first_expert : first_expert + local]
-    x = torch.randn(19, H, generator=g)
-    logits = torch.randn(19, E, generator=g)
+    _, w13, w2, x, logits = _local_case(first_expert, local, 19, seed=3)
     got = moe_forward_dense(x, logits, w13, w2, K, renormalize, first_expert)
     torch.testing.assert_close(got, moe_forward_ref(x, logits, w13, w2, K, renormalize, first_expert), atol=1e-6, rtol=1e-5)
