@@ -512,6 +512,20 @@ def test_moe_forward_grouped_matches_ref(t, e, k, h, i, first, local):
     _check_moe(moe_forward(x, logits, w13, w2, k, False, first), moe_forward_ref(x, logits, w13, w2, k, False, first))
 
 
+def _captured(fn, warmups: int = 2):
+    """``fn()`` run ``warmups`` times on a side stream, then captured: (the graph, its output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def test_moe_forward_grouped_cuda_graph_replay():
     """The grouped path reads nothing on the host, so a decode step captures and replays with new
     tokens and new routings."""
@@ -521,15 +535,7 @@ def test_moe_forward_grouped_cuda_graph_replay():
     w13, w2 = _moe_weights(e, h, i, seed=60)
     x = _randn(t, h, seed=61)
     logits = _randn(t, e, seed=62, scale=2.0)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            moe_forward(x, logits, w13, w2, k, True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = moe_forward(x, logits, w13, w2, k, True)
+    graph, out = _captured(lambda: moe_forward(x, logits, w13, w2, k, True))
     for step in range(3):
         x.copy_(_randn(t, h, seed=70 + step))
         logits.copy_(_randn(t, e, seed=80 + step, scale=2.0))
@@ -546,14 +552,7 @@ def test_moe_forward_float32_cuda_graph_replay():
     w13, w2 = (w.float() for w in _moe_weights(e, h, i, seed=90))
     x = _randn(t, h, seed=91, dtype=torch.float32)
     logits = _randn(t, e, seed=92, scale=2.0, dtype=torch.float32)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        moe_forward(x, logits, w13, w2, k, True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = moe_forward(x, logits, w13, w2, k, True)
+    graph, out = _captured(lambda: moe_forward(x, logits, w13, w2, k, True))
     for step in range(3):
         x.copy_(_randn(t, h, seed=95 + step, dtype=torch.float32))
         logits.copy_(_randn(t, e, seed=99 + step, scale=2.0, dtype=torch.float32))
