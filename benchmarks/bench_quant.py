@@ -67,10 +67,47 @@ def prompts(n: int, length: int, seed: int) -> list[list[int]]:
 def timed_generate(llm, ps, max_tokens: int) -> float:
     from kiln.runtime.sampling_params import SamplingParams
 
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t = time.perf_counter()
     llm.generate(ps, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     return time.perf_counter() - t
+
+
+def kernel_profile(llm, batch: int, context: int, steps: int, top: int = 14) -> dict:
+    """Device time per decode step by kernel (CUPTI sees the kernels of graph replays too): the
+    difference of two profiled runs, ``steps + 1`` and 1 output tokens, of ``batch`` requests
+    with ``context``-token prompts, so prefill drops out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ps = prompts(batch, context, 3)
+
+    def run(n):
+        cuda = torch.cuda.is_available()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            timed_generate(llm, ps, n)
+        out = {}
+        for e in prof.key_averages():
+            t = getattr(e, "self_device_time_total", 0) if cuda else e.self_cpu_time_total
+            if t > 0:
+                out[e.key] = (out.get(e.key, (0.0, 0))[0] + t, out.get(e.key, (0.0, 0))[1] + e.count)
+        return out
+
+    timed_generate(llm, ps, 2)
+    one, many = run(1), run(steps + 1)
+    per = {k: ((v[0] - one.get(k, (0.0, 0))[0]) / steps, (v[1] - one.get(k, (0.0, 0))[1]) / steps)
+           for k, v in many.items()}
+    rows = sorted(((k, t, c) for k, (t, c) in per.items() if t > 0.5), key=lambda r: -r[1])
+    total = sum(t for _, t, _ in rows)
+    return {"batch": batch, "context": context, "device_us_per_step": round(total, 1),
+            "kernels": [{"name": k[:90], "us": round(t, 1), "calls": round(c, 1)} for k, t, c in rows[:top]]}
+
+
+def print_profile(variant: str, prof: dict) -> None:
+    print(f"--- {variant}: device time per decode step at batch {prof['batch']}, context {prof['context']}: "
+          f"{prof['device_us_per_step']} us", flush=True)
+    for r in prof["kernels"]:
+        print(f"  {r['us']:9.1f} us  {r['calls']:6.1f} x  {r['name']}", flush=True)
 
 
 def decode_ms(llm, batch: int, steps: int, seed: int) -> float:
@@ -94,6 +131,7 @@ def main() -> None:
     ap.add_argument("--engines", default="/tmp/kiln-engines")
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--policy", default="max_utilization", help="scheduler policy (guaranteed_no_evict or max_utilization)")
+    ap.add_argument("--profile", default="", help="batch:context pairs to profile by kernel, e.g. 1:128,256:1000")
     a = ap.parse_args()
     from kiln.runtime.llm import LLM
 
@@ -113,6 +151,13 @@ def main() -> None:
         row = {"variant": v, "load_s": round(load_s, 1), "weight_gb_read": round(nbytes / 1e9, 3),
                "floor_ms": round(floor, 3), "batch1_ms": round(b1, 3), "ratio_to_floor": round(b1 / floor, 3),
                "batch64_step_ms": round(b64, 2), "kv_tokens": bm.num_blocks * bm.block_size}
+        if a.profile:
+            row["profiles"] = []
+            for pair in a.profile.split(","):
+                pb, pc = (int(x) for x in pair.split(":"))
+                prof = kernel_profile(llm, pb, pc, 16)
+                print_profile(v, prof)
+                row["profiles"].append(prof)
         if v in offline:
             ps = prompts(a.requests, a.isl, 7)
             wall = timed_generate(llm, ps, a.osl)
@@ -121,7 +166,7 @@ def main() -> None:
             row["preemptions"] = llm.stats().get("preemptions")
         results[v] = row
         rows.append(row)
-        print(text_table([row], list(row)), flush=True)
+        print(text_table([row], [k for k in row if k != "profiles"]), flush=True)
         llm.shutdown()
         del llm
         gc.collect()
@@ -132,7 +177,7 @@ def main() -> None:
     print(text_table(rows, ["variant", "weight_gb_read", "floor_ms", "batch1_ms", "ratio_to_floor", "batch1_vs_bf16",
                             "batch64_step_ms", "kv_tokens", "offline_tok_s", "load_s"]))
     settings = {"weights": "random, drawn and quantized at load", "max_batch_size": a.max_batch_size,
-                "scheduler_policy": a.policy,
+                "scheduler_policy": a.policy, "profile": a.profile,
                 "decode_prompt_tokens": 128, "batch1_steps": a.steps, "measured": "wall time of LLM.generate",
                 "offline": {"variants": offline, "requests": a.requests, "input_tokens": a.isl, "output_tokens": a.osl,
                             "ignore_eos": True}}
