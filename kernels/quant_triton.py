@@ -18,6 +18,9 @@ by a default rule:
   and multiplied with x unquantized (``quant.int8_linear_ref``'s math on FP8 weights): at batch
   1-2 the product is bound by the weight read and quantizing x buys nothing;
 * ``gemv-acc`` (INT4): the GEMV variant that accumulates the exact dequantized weights;
+* ``dot`` (FP8, M <= ``quant_dot.DOT_MAX_M``, tuned only): ``kiln.kernels.quant_dot``, the
+  weight tile straight into the tensor cores against the x rows quantized in the kernel (also
+  fused gate/up);
 * ``gemm``: ``quant_gemm.q_gemm`` on tensor cores (FP8 through ``quantize_fp8``; INT8/INT4
   with 16-bit x; default for M > 4 where ``scaled_mm`` does not apply);
 * ``scaled_mm``: FP8 only, ``quantize_fp8`` then ``torch._scaled_mm`` (default for M > 4 with
@@ -40,13 +43,14 @@ import os
 import torch
 
 from kiln.kernels import quant, triton_ops
+from kiln.kernels.quant_dot import DotConfig, fp8_dot
 from kiln.kernels.quant_gemm import GEMM_CONFIGS, GemmConfig, gemm_fits, q_gemm, quantize_fp8, scaled_mm
 from kiln.kernels.quant_gemv import GemvConfig, q8_fits, q8_gemv
 from kiln.kernels.quant_gemv4 import group_fits, q4_configs, q4_fits, q4_gemv
 
 BASE_OPS = ("fp8", "fp8-static", "int8", "int4")
 OPS = BASE_OPS + tuple(f"{o}-glu" for o in BASE_OPS)
-KINDS = ("gemv", "gemv-pre", "gemv-wo", "gemv-acc", "gemm", "scaled_mm", "unfused", "torch")
+KINDS = ("gemv", "gemv-pre", "gemv-wo", "gemv-acc", "dot", "gemm", "scaled_mm", "unfused", "torch")
 GEMV_KINDS = ("gemv", "gemv-pre", "gemv-wo", "gemv-acc")
 WO_MAX_M = 2  # the largest M for which the weight-only FP8 GEMV is a candidate
 GEMV_DEFAULT_MAX_M = 4
@@ -87,6 +91,8 @@ def parse_choice(name: str) -> tuple:
         return kind, GemvConfig.parse(cfg)
     if kind == "gemm":
         return kind, GemmConfig.parse(cfg)
+    if kind == "dot":
+        return kind, DotConfig.parse(cfg)
     return kind, None
 
 
@@ -217,6 +223,8 @@ def run_fp8(kind, cfg, x, weight, weight_scale, input_scale=None, bias=None, glu
         return q8_gemv(x, weight, weight_scale, cfg, fp8=True, input_scale=input_scale, bias=bias, glu=glu)
     if kind == "gemv-wo":
         return q8_gemv(x, weight, weight_scale, cfg, fp8=True, bias=bias, glu=glu, weight_only=True)
+    if kind == "dot":
+        return fp8_dot(x, weight, weight_scale, cfg, input_scale=input_scale, bias=bias, glu=glu)
     if kind == "gemv-pre":
         xq, sx = quantize_fp8(x, input_scale)
         return q8_gemv(xq, weight, weight_scale, cfg, fp8=True, bias=bias, glu=glu, x_scale=sx, out_dtype=x.dtype)

@@ -26,6 +26,7 @@ import torch
 from kiln.kernels import quant, triton_ops
 from kiln.kernels import quant_triton as qt
 from kiln.kernels.gemv import _time_calls
+from kiln.kernels.quant_dot import DOT_MAX_M, dot_configs
 from kiln.kernels.quant_gemm import gemm_configs
 from kiln.kernels.quant_gemv import q8_configs
 from kiln.kernels.quant_gemv4 import q4_configs
@@ -145,6 +146,8 @@ def candidates(op: str, m: int, dtype: torch.dtype, g: int, full: bool = False) 
                 out += [("gemv-wo", c) for c in cfgs]
         if fmt == "int4":
             out += [("gemv-acc", c) for c in q4_configs(m, g, full, acc=True)]
+    if fmt == "fp8" and m <= DOT_MAX_M:
+        out += [("dot", c) for c in dot_configs(m, glu, full)]
     if glu:
         return out + [("unfused", None)]
     if m >= GEMM_MIN_M and (fmt == "fp8" or dtype != torch.float32):

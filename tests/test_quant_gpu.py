@@ -25,6 +25,7 @@ pytestmark = [
 from kiln.kernels import quant  # noqa: E402
 from kiln.kernels import quant_triton as qt  # noqa: E402
 from kiln.kernels import quant_tune  # noqa: E402
+from kiln.kernels.quant_dot import dot_configs, fp8_dot  # noqa: E402
 from kiln.kernels.quant_gemm import quantize_fp8  # noqa: E402
 from kiln.kernels.quant_gemv import q8_configs, q8_gemv  # noqa: E402
 from kiln.kernels.quant_gemv4 import q4_configs, q4_gemv  # noqa: E402
@@ -129,7 +130,7 @@ def test_quantize_fp8_exact(shape, static, dtype):
 # N=1008 and K=1040 (multiples of 16 that no BLOCK_N / BLOCK_K above 16 divides); int4 K=1152
 # (9 groups of 128: a K tail for BLOCK_K 256 and above).
 PATHS = [
-    ("fp8", "gemv"), ("fp8", "gemv-pre"), ("fp8", "gemm"), ("fp8", "scaled_mm"), ("fp8", "torch"),
+    ("fp8", "gemv"), ("fp8", "gemv-pre"), ("fp8", "dot"), ("fp8", "gemm"), ("fp8", "scaled_mm"), ("fp8", "torch"),
     ("fp8-static", "gemv"), ("fp8-static", "gemv-pre"), ("fp8-static", "gemm"), ("fp8-static", "scaled_mm"),
     ("int8", "gemv"), ("int8", "gemm"), ("int4", "gemv"), ("int4", "gemv-acc"), ("int4", "gemm"),
 ]
@@ -141,6 +142,8 @@ def _config(op, kind, m, g=128):
         return qt.default_gemv(fmt, min(m, 4), g)
     if kind == "gemv-acc":
         return q4_configs(min(m, 4), g, acc=True)[0]
+    if kind == "dot":
+        return dot_configs(min(m, 32))[0]
     if kind == "gemm":
         return qt.default_gemm(fmt, m, g)
     return None
@@ -203,6 +206,25 @@ def test_every_gemv_config(op, m):
         if fmt == "fp8":  # the pre-quantized variant: the same values, bit for bit
             y2 = q8_gemv(xq, t["weight"], t["weight_scale"], cfg, fp8=True, x_scale=sx, out_dtype=BF)
             assert torch.equal(y2, y)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 32])
+@pytest.mark.parametrize("op", ["fp8", "fp8-static", "fp8-glu"])
+def test_every_dot_config(op, m):
+    """The tensor-core FP8 kernel of few rows (hardware E4M3 rounding, FP8 MMA) at every config
+    the tuner may pick, bias on odd M, N and K with tails."""
+    glu = op.endswith("-glu")
+    t, x, xs, b = _case(op.removesuffix("-glu"), m, BF, with_bias=m % 2 == 1 and not glu, seed=35)
+    if glu:
+        t = _weights("fp8", 2000, 1040, BF, seed=36)
+    ref = quant_tune.reference(op, x, t, xs, b)
+    mag = None if glu else _magnitude(op, x, t, xs) + (b.float().abs() if b is not None else 0)
+    for cfg in dot_configs(m, glu):
+        y = fp8_dot(x, t["weight"], t["weight_scale"], cfg, input_scale=xs, bias=b, glu=glu)
+        if glu:
+            _check_glu(y, ref, BF)
+        else:
+            _check(y, ref, mag, BF)
 
 
 @pytest.mark.parametrize("dtype", [BF, FP16])

@@ -29,6 +29,7 @@ in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRE
 
 from kiln.kernels import quant  # noqa: E402
 from kiln.kernels import quant_triton as qt  # noqa: E402
+from kiln.kernels.quant_dot import DotConfig, dot_configs, dot_fits, fp8_dot  # noqa: E402
 from kiln.kernels.quant_gemm import GemmConfig, gemm_configs, q_gemm, quantize_fp8  # noqa: E402
 from kiln.kernels.quant_gemv import GemvConfig, q8_configs, q8_gemv  # noqa: E402
 from kiln.kernels.quant_gemv4 import group_fits, q4_configs, q4_gemv  # noqa: E402
@@ -243,6 +244,63 @@ def test_q8_gemv_glu(cfg, m, fmt):
         ref = quant.int8_linear_silu_mul_ref(x, w, ws)
     assert y.shape == (m, i)
     _check(y, ref.float(), BF, casts=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 on the tensor cores for few rows (quant_dot)
+# ----------------------------------------------------------------------------------------------
+
+DOT_SMALL = [DotConfig(16, 64, 16, 4, 2), DotConfig(32, 32, 16, 4, 3), DotConfig(16, 128, 32, 4, 1)]
+
+
+@in_child
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("cfg", DOT_SMALL, ids=lambda c: c.name)
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_fp8_dot(mode, cfg, m):
+    """Rows of x and weight rows past a block, K with a tail (200 = 3 x 64 + 8), the bias."""
+    n, k = 37, 200
+    x = _randn(m, k, dtype=BF, seed=60 + m, scale=3.0)
+    w, ws = _fp8_weight(n, k, 61 + m)
+    xs = torch.tensor([quant.fp8_input_scale(x.abs().max().item() * 0.7)]) if mode == "static" else None
+    b = _randn(n, dtype=BF, seed=62) if m % 2 else None
+    _check(fp8_dot(x, w, ws, cfg, input_scale=xs, bias=b), quant.fp8_linear_ref(x, w, ws, xs, b).float(), BF)
+
+
+@in_child
+def test_fp8_dot_is_the_reference_expression():
+    """float32 x and out: x_q and the products are the reference's, only the summation order
+    differs (a few float32 ulps of the sum of magnitudes)."""
+    n, k = 40, 256
+    x = _randn(5, k, seed=64, scale=5.0)
+    w, ws = _fp8_weight(n, k, 65)
+    y = fp8_dot(x, w, ws, DotConfig(16, 64, 16, 4, 2))
+    xq, sx = quant.quantize_fp8_act(x)
+    mag = (xq.float().abs() @ w.float().abs().t()) * sx[:, None] * ws[None, :]
+    assert ((y - quant.fp8_linear_ref(x, w, ws)).abs() <= 1e-6 * mag + 1e-30).all()
+
+
+@in_child
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_dot_glu(static):
+    i, k, m = 21, 160, 3
+    x = _randn(m, k, dtype=BF, seed=66)
+    w, ws = _fp8_weight(2 * i, k, 67)
+    xs = torch.tensor([quant.fp8_input_scale(x.abs().max().item())]) if static else None
+    y = fp8_dot(x, w, ws, DotConfig(16, 64, 16, 4, 2), input_scale=xs, glu=True)
+    assert y.shape == (m, i)
+    _check(y, quant.fp8_linear_silu_mul_ref(x, w, ws, xs).float(), BF, casts=2)
+
+
+def test_dot_configs_fit():
+    """Every listed config fits its limits; BLOCK_M never exceeds what the rows need."""
+    for m in (1, 2, 8, 16, 17, 32):
+        for glu in (False, True):
+            cs = dot_configs(m, glu)
+            assert cs and all(dot_fits(c, m, glu) for c in cs)
+            assert all(c.block_m == 16 for c in cs) or m > 16
+    assert DotConfig.parse(DotConfig(64, 256, 16, 4, 4).name) == DotConfig(64, 256, 16, 4, 4)
+    assert qt.parse_choice("dot:n64k256m16w4s4") == ("dot", DotConfig(64, 256, 16, 4, 4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,7 +523,7 @@ def test_run_every_kind(op):
         xs = torch.tensor([quant.fp8_input_scale(x.abs().max().item())]) if "static" in op else None
         ref = quant_tune.reference(op, x, t, xs).float()
         kinds = [("gemv", GemvConfig(4, 64, 4, 2, 2)), ("torch", None)]
-        kinds += [("gemv-pre", GemvConfig(4, 64, 4, 2, 2))] if fmt == "fp8" else []
+        kinds += [("gemv-pre", GemvConfig(4, 64, 4, 2, 2)), ("dot", DotConfig(16, 64, 16, 4, 2))] if fmt == "fp8" else []
         kinds += [("gemv-acc", GemvConfig(8, 32, 4, 2, 2))] if fmt == "int4" else []
         kinds += [("unfused", None)] if op.endswith("-glu") else [("gemm", GemmConfig(16, 16, 32, 4, 2))]
         for kind, cfg in kinds:
@@ -519,8 +577,10 @@ def test_candidates_and_specs():
     assert kinds("int8", 1, BF, 0) == {"gemv"}
     assert kinds("int8", 8, BF, 0) == {"gemv", "gemm"}
     assert kinds("int8", 64, F32, 0) == set()
-    assert kinds("fp8", 2, BF, 0) == {"gemv", "gemv-pre", "gemv-wo", "gemm"}  # weight-only GEMV up to WO_MAX_M
-    assert kinds("fp8", 3, BF, 0) == {"gemv", "gemv-pre", "gemm"}
+    assert kinds("fp8", 2, BF, 0) == {"gemv", "gemv-pre", "gemv-wo", "dot", "gemm"}  # weight-only GEMV up to WO_MAX_M
+    assert kinds("fp8", 3, BF, 0) == {"gemv", "gemv-pre", "dot", "gemm"}
+    assert kinds("fp8", 64, BF, 0) == {"gemm"}
+    assert kinds("fp8-glu", 8, BF, 0) == {"gemv", "gemv-pre", "dot", "unfused"}
     assert kinds("int4-glu", 64, BF, 128) == {"unfused"}
     assert kinds("int4-glu", 2, BF, 128) == {"gemv", "gemv-acc", "unfused"}
     qt.record_scaled_mm(BF, False, True)
