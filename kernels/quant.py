@@ -15,7 +15,6 @@ product accumulates in float32, and the result is cast to the input's dtype once
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0

@@ -33,6 +33,7 @@ from kiln.kernels.quant_gemv4 import q4_configs
 
 GEMV_MAX_M = 16  # the largest M for which GEMV configs are tried
 GEMM_MIN_M = 2  # the smallest M for which GEMM configs are tried
+DOT_MIN_M = 8  # the tensor-core FP8 kernel of few rows: slower than the GEMVs at 1 row on an H100 (16 vs 8 us, 4096^2)
 
 
 def parse_spec(spec) -> tuple[str, int, int, int]:
@@ -146,7 +147,7 @@ def candidates(op: str, m: int, dtype: torch.dtype, g: int, full: bool = False) 
                 out += [("gemv-wo", c) for c in cfgs]
         if fmt == "int4":
             out += [("gemv-acc", c) for c in q4_configs(m, g, full, acc=True)]
-    if fmt == "fp8" and m <= DOT_MAX_M:
+    if fmt == "fp8" and DOT_MIN_M <= m <= DOT_MAX_M:
         out += [("dot", c) for c in dot_configs(m, glu, full)]
     if glu:
         return out + [("unfused", None)]

@@ -203,6 +203,10 @@ def _decode_kernel(
     q_row = q_row.to(tl.int64)
     q = tl.load(q_ptr + q_row * sq0 + heads[:, None] * sq1 + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if KV_FP8 and q.dtype == tl.bfloat16:
+        # E4M3 tiles widen to float16 in one packed conversion (to bfloat16 it takes three);
+        # bfloat16 q is exact in float16 within its normal range, and the clamp keeps it finite.
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)

@@ -577,8 +577,9 @@ def test_candidates_and_specs():
     assert kinds("int8", 1, BF, 0) == {"gemv"}
     assert kinds("int8", 8, BF, 0) == {"gemv", "gemm"}
     assert kinds("int8", 64, F32, 0) == set()
-    assert kinds("fp8", 2, BF, 0) == {"gemv", "gemv-pre", "gemv-wo", "dot", "gemm"}  # weight-only GEMV up to WO_MAX_M
-    assert kinds("fp8", 3, BF, 0) == {"gemv", "gemv-pre", "dot", "gemm"}
+    assert kinds("fp8", 2, BF, 0) == {"gemv", "gemv-pre", "gemv-wo", "gemm"}  # weight-only GEMV up to WO_MAX_M
+    assert kinds("fp8", 3, BF, 0) == {"gemv", "gemv-pre", "gemm"}
+    assert kinds("fp8", 16, BF, 0) == {"gemv", "gemv-pre", "dot", "gemm"}
     assert kinds("fp8", 64, BF, 0) == {"gemm"}
     assert kinds("fp8-glu", 8, BF, 0) == {"gemv", "gemv-pre", "dot", "unfused"}
     assert kinds("int4-glu", 64, BF, 128) == {"unfused"}
