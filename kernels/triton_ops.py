@@ -18,6 +18,9 @@ the next kernel in the stream may start while the current one drains, and waits
 before it), so a chain of kernels, or a CUDA graph of them, overlaps one kernel's tail with the
 next one's launch. Every program of every kernel waits, even one that returns early, so a
 kernel finishes only after its predecessor has. ``KILN_PDL=0`` turns it off.
+
+``KILN_LOG_COMPILES=1`` prints a line to stderr for every kernel Triton compiles in the process
+(name, specialization, time), so a compilation on a request's path shows in the server log.
 """
 
 import functools
@@ -53,6 +56,25 @@ def available() -> bool:
 
 
 _LOG2E = 1.4426950408889634
+
+
+def _log_compiles() -> None:
+    import sys
+    import time
+
+    def hook(*args, **kw):
+        if not kw.get("is_manual_warmup", False):
+            print(f"kiln: triton compiled at {time.time():.3f}: {kw.get('repr', '?')[:400]}", file=sys.stderr, flush=True)
+        return False
+
+    try:
+        triton.knobs.runtime.jit_post_compile_hook = hook
+    except AttributeError:  # a Triton without knobs
+        triton.runtime.jit.JITFunction.compiled_hook = hook
+
+
+if _HAVE_TRITON and os.environ.get("KILN_LOG_COMPILES") == "1":
+    _log_compiles()
 
 
 def _pow2(n: int) -> int:
