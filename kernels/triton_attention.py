@@ -27,7 +27,7 @@ use programmatic dependent launch as described in ``kiln.kernels.triton_ops``.
 import torch
 
 from kiln.kernels.attention import kv_cache_is_fp8
-from kiln.kernels.triton_ops import _LOG2E, _cdiv, _gdc_enter, _jit, _pow2, _sm_count, launch_opts, tl
+from kiln.kernels.triton_ops import _LOG2E, _cdiv, _gdc_enter, _jit, _jit_runtime_ints, _pow2, _sm_count, launch_opts, tl
 
 # ----------------------------------------------------------------------------------------------
 # Rotary embedding and the KV-cache write
@@ -152,9 +152,9 @@ def rotary_write_kv(q, k, v, positions, cache, k_cache, v_cache, slot_mapping,
 
 
 @_jit
-def _split_len(span, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr):
+def _split_len(span, num_splits, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr):
     """Tokens per context slice: the span shared evenly, in whole tiles, at least MIN_PART."""
-    part = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    part = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
     return tl.maximum(part, MIN_PART)
 
 
@@ -166,12 +166,11 @@ def _load_kv_tile(cache_ptr, row_ptr, pos, n_mask, kvh, c0, c1, c2, offs_d, d_ma
     return tl.load(cache_ptr + off[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
 
 
-@_jit
+@_jit_runtime_ints("num_splits")
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr, part_o_ptr, part_lse_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
     sq0, sq1, so0, so1, sk0, sk1, sk2, sv0, sv1, sv2, s_bt,
-    scale_log2, window, group, n_q_heads, head_dim, BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    scale_log2, window, group, n_q_heads, head_dim, num_splits, BLOCK_SIZE: tl.constexpr, DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MIN_PART: tl.constexpr,
     KV_FP8: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
@@ -186,7 +185,7 @@ def _decode_kernel(
     lo = seq_len * 0
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
-    part = _split_len(seq_len - lo, NUM_SPLITS, BLOCK_N, MIN_PART)
+    part = _split_len(seq_len - lo, num_splits, BLOCK_N, MIN_PART)
     start = lo + split * part
     if start >= seq_len:
         return
@@ -242,15 +241,15 @@ def _decode_kernel(
         dst = out_ptr + q_row * so0 + heads[:, None] * so1 + offs_d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=st_mask)
     else:
-        idx = (b.to(tl.int64) * n_q_heads + heads) * NUM_SPLITS + split
+        idx = (b.to(tl.int64) * n_q_heads + heads) * num_splits + split
         tl.store(part_o_ptr + idx[:, None] * head_dim + offs_d[None, :], o, mask=st_mask)
         tl.store(part_lse_ptr + idx, m_i + tl.log2(l_i), mask=g_mask)
 
 
-@_jit
+@_jit_runtime_ints("num_splits")
 def _decode_reduce_kernel(
-    out_ptr, part_o_ptr, part_lse_ptr, qsl_ptr, seq_lens_ptr, so0, so1, window, n_q_heads, head_dim,
-    NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_ptr, part_o_ptr, part_lse_ptr, qsl_ptr, seq_lens_ptr, so0, so1, window, n_q_heads, head_dim, num_splits,
+    HAS_WINDOW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr, PDL: tl.constexpr = False,
 ):
     _gdc_enter(PDL)
@@ -264,11 +263,11 @@ def _decode_reduce_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
     span = seq_len - lo
-    n_act = tl.cdiv(span, _split_len(span, NUM_SPLITS, BLOCK_N, MIN_PART))
+    n_act = tl.cdiv(span, _split_len(span, num_splits, BLOCK_N, MIN_PART))
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < n_act
-    idx = (b.to(tl.int64) * n_q_heads + h) * NUM_SPLITS + offs_s
+    idx = (b.to(tl.int64) * n_q_heads + h) * num_splits + offs_s
     lse = tl.load(part_lse_ptr + idx, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.where(s_mask, tl.exp2(lse - m), 0.0)
@@ -364,6 +363,7 @@ def _prefill_kernel(
 
 
 _MAX_SPLITS = 64
+_BLOCK_S = _pow2(_MAX_SPLITS)  # the reduce kernel's slice tile: one shape for every split count
 
 
 def decode_num_splits(device: torch.device, num_seqs: int, num_kv_heads: int, max_seq_len: int,
@@ -419,16 +419,14 @@ def launch_decode(q, k_cache, v_cache, out, meta, scale, num_splits=None, *, k_s
     _decode_kernel[(num_seqs, hk, num_splits)](
         q, k_cache, v_cache, k_scale, v_scale, out, part_o, part_lse, meta.query_start_loc, meta.seq_lens, bt,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *c["sk"], *c["sv"], bt.stride(0),
-        float(scale) * _LOG2E, int(window or 0), group, hq, d, BLOCK_SIZE=bs,
-        NUM_SPLITS=num_splits, DIRECT=direct, HAS_WINDOW=window is not None, IEEE=c["ieee"],
+        float(scale) * _LOG2E, int(window or 0), group, hq, d, num_splits, BLOCK_SIZE=bs, DIRECT=direct, HAS_WINDOW=window is not None, IEEE=c["ieee"],
         BLOCK_G=max(16, _pow2(group)), BLOCK_N=block_n, BLOCK_D=c["block_d"], MIN_PART=min_part,
         KV_FP8=c["fp8"], num_warps=4, **launch_opts(q),
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, hq)](
             out, part_o, part_lse, meta.query_start_loc, meta.seq_lens, out.stride(0), out.stride(1),
-            int(window or 0), hq, d,
-            NUM_SPLITS=num_splits, HAS_WINDOW=window is not None, BLOCK_S=max(2, _pow2(num_splits)),
+            int(window or 0), hq, d, num_splits, HAS_WINDOW=window is not None, BLOCK_S=_BLOCK_S,
             BLOCK_D=c["block_d"], BLOCK_N=block_n, MIN_PART=min_part, num_warps=4, **launch_opts(q),
         )
     return out

@@ -45,6 +45,15 @@ except ImportError:  # the kernels below are then never launched
         return fn
 
 
+def _jit_runtime_ints(*names):
+    """``triton.jit`` that does not specialize the integer arguments ``names`` (Triton would
+    otherwise compile a variant for a value of 1 and for multiples of 16): a kernel whose launch
+    passes a length-dependent count there compiles once, at load, not on a request's path."""
+    if not _HAVE_TRITON:
+        return _jit
+    return triton.jit(do_not_specialize=list(names))
+
+
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     if not _HAVE_TRITON:

@@ -204,6 +204,32 @@ class ModelRunner:
             return
         self.graphs = DecodeGraphs(self.model, self.kv, self.max_batch_size, max_seq_len, self.block_size)
         self.graphs.capture()
+        self.warm_kernels(max_seq_len)
+
+    def warm_kernels(self, max_seq_len: int, force: bool = False) -> None:
+        """Compiles at load what the decode graphs do not: the kernels of a prefill step and of a
+        mixed step (prefill beside decode), the decode kernel in its direct and split variants.
+        No kernel specializes on a token count or context length, so every later length runs
+        these. Runs on every rank in step (tensor-parallel layers all-reduce); blocks 0 and 1 are
+        written, which no sequence holds before the engine serves. ``force`` runs the steps off a
+        GPU too (a check of the steps themselves)."""
+        from kiln.kernels import triton_ops
+
+        gpu = self.device.type == "cuda" and triton_ops.available()
+        if self.model.mapping.pp > 1 or not (gpu or force):
+            return
+        bs = self.block_size
+        cases = [([3], [3], [[0]], 3),  # prefill alone
+                 ([2, 1], [2, 1], [[0], [1]], 2),  # prefill beside a decode, one context slice
+                 ([2, 1], [2, 1], [[0], [1]], max_seq_len)]  # the decode split over slices
+        for qlens, slens, tables, span in cases:
+            pos = [p for q, s in zip(qlens, slens) for p in range(s - q, s)]
+            slots = [tables[i][0] * bs + p for i, (q, s) in enumerate(zip(qlens, slens)) for p in range(s - q, s)]
+            t, meta = self._prepare([0] * len(pos), pos, slots, qlens, slens, tables)
+            meta.max_seq_len = span
+            self._forward(t, meta)
+        if gpu:
+            torch.cuda.synchronize(self.device)
 
     def _plain_greedy(self, sid: int, masks) -> bool:
         """Greedy with nothing that needs the full logits row (the same answer on every rank)."""

@@ -236,3 +236,17 @@ def test_async_scheduling_equals_sync_for_every_kind_of_request(engine_dir):
     plain = [r for r in requests() if r[2].n == 1 and r[2].repetition_penalty == 1.0]
     assert _run_all(eng2, plain) == {k: v for k, v in sync.items() if k in {r[0] for r in plain}}
     assert eng2.executor.runner.num_device_inputs > 0
+
+
+def test_load_time_warm_steps_leave_outputs_unchanged(engine_dir, solo):
+    """The prefill, mixed and split-decode steps a GPU engine runs at load (so that nothing
+    compiles on a request's path) are valid steps, and serving after them gives the same tokens."""
+    engine = LLMEngine(engine_dir, num_kv_blocks=64)
+    engine.executor.runner.warm_kernels(max_seq_len=512, force=True)
+    for i, (_, prompt, n) in enumerate(make_workload(11, 4, 40, 6)):
+        engine.add_request(f"w{i}", prompt, greedy(n))
+        out = None
+        while engine.has_unfinished():
+            for o in engine.step():
+                out = o
+        assert out.outputs[0].token_ids == solo.get(prompt, n)[0]
