@@ -167,24 +167,38 @@ def main() -> None:
         results[v] = row
         rows.append(row)
         print(text_table([row], [k for k in row if k != "profiles"]), flush=True)
+        save(a, offline, rows, results, bw, done=False)
         llm.shutdown()
         del llm
         gc.collect()
         torch.cuda.empty_cache()
+    save(a, offline, rows, results, bw, done=True)
+
+
+_WRITTEN: list[str] = []
+
+
+def save(a, offline, rows, results, bw, done: bool) -> None:
+    """The record of the rows so far (a run cut short keeps what it measured); each call
+    replaces the previous file."""
     if "bf16" in results:
         for r in rows:
             r["batch1_vs_bf16"] = round(r["batch1_ms"] / results["bf16"]["batch1_ms"], 3)
-    print(text_table(rows, ["variant", "weight_gb_read", "floor_ms", "batch1_ms", "ratio_to_floor", "batch1_vs_bf16",
-                            "batch64_step_ms", "kv_tokens", "offline_tok_s", "load_s"]))
+    if done:
+        print(text_table(rows, ["variant", "weight_gb_read", "floor_ms", "batch1_ms", "ratio_to_floor", "batch1_vs_bf16",
+                                "batch64_step_ms", "kv_tokens", "offline_tok_s", "load_s"]))
     settings = {"weights": "random, drawn and quantized at load", "max_batch_size": a.max_batch_size,
-                "scheduler_policy": a.policy, "profile": a.profile,
+                "scheduler_policy": a.policy, "profile": a.profile, "variants": a.variants, "complete": done,
                 "decode_prompt_tokens": 128, "batch1_steps": a.steps, "measured": "wall time of LLM.generate",
                 "offline": {"variants": offline, "requests": a.requests, "input_tokens": a.isl, "output_tokens": a.osl,
                             "ignore_eos": True}}
-    write_record("gpu-quant", a.model, settings,
-                 {"copy_bandwidth_gb_s": round(bw / 1e9, 1), "rows": rows,
-                  **{f"{r['variant']}_decode_ms_per_token": r["batch1_ms"] for r in rows},
-                  **{f"{r['variant']}_output_tokens_per_s": r["offline_tok_s"] for r in rows if "offline_tok_s" in r}})
+    path = write_record("gpu-quant", a.model, settings,
+                        {"copy_bandwidth_gb_s": round(bw / 1e9, 1), "rows": rows,
+                         **{f"{r['variant']}_decode_ms_per_token": r["batch1_ms"] for r in rows},
+                         **{f"{r['variant']}_output_tokens_per_s": r["offline_tok_s"] for r in rows if "offline_tok_s" in r}})
+    if _WRITTEN and _WRITTEN[-1] != path and os.path.exists(_WRITTEN[-1]):
+        os.remove(_WRITTEN[-1])
+    _WRITTEN.append(path)
 
 
 if __name__ == "__main__":

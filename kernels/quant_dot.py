@@ -10,9 +10,8 @@ weight tile goes to the tensor cores as it is stored: each program owns ``BLOCK_
 
 Rounding is the reference's: a first pass takes each x row's amax (dynamic) or uses the static
 ``input_scale``; x is divided by the row scale (the correctly rounded quotient, as
-``quant_gemv._e4m3``), clamped to +-448 and rounded to E4M3; E4M3 products are exact, and each
-chunk's sum is added into float32 accumulators held in registers (each MMA sums at most
-``BLOCK_K`` products before that addition); the sum is multiplied by the row's scale and then the
+``quant_gemv._e4m3``), clamped to +-448 and rounded to E4M3; E4M3 products are exact and are
+summed in float32 (the MMA's reduced-precision accumulation is promoted every 32 products); the sum is multiplied by the row's scale and then the
 weight row's scale, plus the bias. With ``glu`` the weight is the fused [2I, K] gate/up
 projection: each program holds a gate tile and the matching up tile, and writes
 ``silu(gate) * up`` with the unfused path's rounding points.
@@ -81,7 +80,10 @@ def _mma(w, xq, EMU: tl.constexpr):
     if EMU:
         p = tl.dot(w.to(tl.float32), xq, input_precision="ieee")
     else:
-        p = tl.dot(w, xq.to(tl.float8e4nv))
+        # Hopper's FP8 MMA adds into its accumulator with fewer bits than float32 unless told
+        # otherwise (Triton's sm_90 default lets all of K accumulate that way); promoting after
+        # every 32 products keeps the float32 sum the reference takes.
+        p = tl.dot(w, xq.to(tl.float8e4nv), max_num_imprecise_acc=32)
     return p
 
 
