@@ -152,6 +152,9 @@ def run_api_server(cfg: dict) -> int:
                     max_body_bytes=int(cfg.get("max_body_bytes", 4 << 20)),
                     request_timeout=float(cfg.get("request_timeout", 600.0)), aliases=cfg.get("aliases", []),
                     api_server=index)
+    from kiln.launch.procs import settle_heap
+
+    settle_heap()
     server = make_server(app, cfg.get("host", "127.0.0.1"), int(cfg.get("port", 0)), float(cfg.get("grace_period", 30.0)))
     server.signals = (signal.SIGTERM,)
     server.accept_when_ready = index > 0  # the first answers 503 while the core loads; the others join when ready

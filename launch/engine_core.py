@@ -418,6 +418,9 @@ def run_core(cfg: dict) -> int:
             log.debug("engine load failed", exc_info=True)
         _shutdown(None, topology)
         return 2 if usage else 1
+    from kiln.launch.procs import settle_heap
+
+    frozen = settle_heap()
     core = EngineCore(engine, sock, max_waiting=cfg.get("max_queue"), grace_period=float(cfg.get("grace_period", 30.0)),
                       parent_pid=parent)
 
@@ -425,7 +428,8 @@ def run_core(cfg: dict) -> int:
         core.term_requested = True
 
     signal.signal(signal.SIGTERM, on_term)
-    log.info("event=core_ready pid=%d load_s=%.1f launcher=%s", os.getpid(), time.monotonic() - t0, cfg.get("launcher", "local"))
+    log.info("event=core_ready pid=%d load_s=%.1f launcher=%s frozen_objects=%d", os.getpid(), time.monotonic() - t0,
+             cfg.get("launcher", "local"), frozen)
     rc = core.run()
     sock.close(linger=0)
     _shutdown(engine, topology)
