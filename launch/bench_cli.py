@@ -19,6 +19,7 @@ BENCHMARKS = {
     "quant": "bench_quant.py",
     "perplexity": "bench_perplexity.py",
     "speculative": "bench_speculative.py",
+    "moe": "bench_moe.py",
 }
 
 

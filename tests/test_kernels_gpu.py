@@ -560,6 +560,31 @@ def test_moe_forward_float32_cuda_graph_replay():
         torch.testing.assert_close(out, moe_forward_ref(x, logits, w13, w2, k, True), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_moe_fused_path_captured_and_replayed(dtype, monkeypatch):
+    """The fused MoE kernels (``KILN_MOE_FUSED=1``) in a CUDA graph: new inputs and routings on
+    each replay, an expert-parallel rank's share of experts among them."""
+    from kiln.kernels.moe import moe_forward, moe_forward_ref
+
+    monkeypatch.setenv("KILN_MOE_FUSED", "1")
+    t, e, k, h, i = 4, 8, 2, 512, 256
+    w13, w2 = (w.to(dtype) for w in _moe_weights(e, h, i, seed=93))
+    for first, local in ((0, e), (4, 4)):
+        lw13, lw2 = w13[first : first + local].contiguous(), w2[first : first + local].contiguous()
+        x = _randn(t, h, seed=94, dtype=dtype)
+        logits = _randn(t, e, seed=95, scale=2.0, dtype=torch.float32)
+        graph, out = _captured(lambda: moe_forward(x, logits, lw13, lw2, k, True, first))
+        for step in range(3):
+            x.copy_(_randn(t, h, seed=96 + step, dtype=dtype))
+            logits.copy_(_randn(t, e, seed=99 + step, scale=2.0, dtype=torch.float32))
+            graph.replay()
+            ref = moe_forward_ref(x, logits, lw13, lw2, k, True, first)
+            if dtype == torch.float32:
+                torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+            else:
+                _check_moe(out, ref)
+
+
 def test_expert_parallel_path_on_one_rank():
     """The all-to-all MoE path's sorting, counts and regrouping on CUDA tensors (a one-rank comm:
     the collectives are the identity), with the grouped GEMMs inside."""
