@@ -72,6 +72,10 @@ class LLMEngine:
         self._changed: dict[str, Request] = {}
         self.num_steps = 0
         self.forward_s = 0.0
+        # Launched steps planned while the previous step's tokens were still on the device, and
+        # those planned with every token on the host.
+        self.overlapped_steps = 0
+        self.synced_steps = 0
         self._seqs_by_id: dict[int, Sequence] = {}
         self._grammars = None
         self.spec = parse_config(speculative_config)
@@ -182,7 +186,7 @@ class LLMEngine:
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         overlap = self._can_overlap()  # scheduling below only removes requests: it stays valid
-        if self._inflight is not None and not overlap:
+        if self._inflight is not None and (not overlap or self._all_wait_for_host()):
             self._drain()
         if self.spec is not None:
             self._propose()
@@ -201,6 +205,11 @@ class LLMEngine:
         self._fork_children(plan)
         if plan.num_seqs or plan.finished:
             masks = self._grammar_masks(plan)
+            if plan.num_seqs:
+                if self._inflight is not None:
+                    self.overlapped_steps += 1
+                else:
+                    self.synced_steps += 1
             if self.async_scheduling:
                 pending = self.executor.launch(plan, masks) if masks else self.executor.launch(plan)
                 if overlap:
@@ -222,16 +231,23 @@ class LLMEngine:
 
     # --- overlapped scheduling ------------------------------------------------------------------
     def _can_overlap(self) -> bool:
-        """Whether the next step may be planned before the last one's tokens are seen: not while a
-        sequence needs its full history on the host to sample (grammar, penalties) or forks (n > 1)."""
-        if not self.async_scheduling or self.spec is not None:
+        """Whether the next step may be planned before the last one's tokens are seen: always with
+        overlapped scheduling on, except while speculating (proposals need the last tokens).
+
+        Nothing else needs the host to have every token: the workers count the in-flight tokens
+        (still on the device) into penalties and min_tokens, a fork (n > 1) happens on the step
+        that samples the first token, when nothing of its parent is in flight, and a sequence
+        under a grammar, whose next mask needs its last token on the host, sits out the steps
+        planned while that token is in flight (the scheduler skips it) instead of holding back
+        the batch."""
+        return self.async_scheduling and self.spec is None
+
+    def _all_wait_for_host(self) -> bool:
+        """True when every sequence that could run next needs a token still in flight (grammar
+        sequences only): planning ahead would launch an empty step, so wait for the tokens."""
+        if self.scheduler.waiting:
             return False
-        for q in (self.scheduler.running, self.scheduler.waiting):
-            for seq in q:
-                p = seq.request.params
-                if seq.grammar is not None or p.needs_penalties or p.n > 1:
-                    return False
-        return True
+        return all(s.grammar is not None and s.num_pending for s in self.scheduler.running)
 
     def _add_placeholders(self, plan) -> None:
         """Each sequence that samples in the launched step gets a placeholder for its token."""
@@ -453,6 +469,8 @@ class LLMEngine:
     def stats(self) -> dict:
         s = self.scheduler.stats()
         s["steps"] = self.num_steps
+        s["overlapped_steps"] = self.overlapped_steps
+        s["synced_steps"] = self.synced_steps
         if self.spec is not None:
             s["spec_proposed_tokens"] = self.spec_proposed
             s["spec_accepted_tokens"] = self.spec_accepted

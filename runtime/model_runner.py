@@ -160,6 +160,21 @@ class ModelRunner:
             raise RuntimeError(f"sequence {sid}: token at position {position} is not known to this worker")
         return row[0]
 
+    def _inflight_tokens(self, sid: int, st: SeqState) -> torch.Tensor | None:
+        """The device copies of ``sid``'s output tokens the coordinator has not seen yet (its
+        placeholders), for a sampler that counts the history: penalties. None when there are none
+        or nothing reads them."""
+        p = st.params
+        if not p.needs_penalties:
+            return None
+        first = len(st.token_ids)
+        while first > st.num_prompt and st.token_ids[first - 1] < 0:  # placeholders are trailing
+            first -= 1
+        if first == len(st.token_ids):
+            return None
+        rows = [self._device_token_row(sid, i) for i in range(first, len(st.token_ids))]
+        return self._prev_tokens.index_select(0, h2d(rows, torch.long, self.device))
+
     def _apply_fix(self, input_ids: torch.Tensor) -> None:
         """Writes the device-resident tokens of the previous step into this step's input ids."""
         if self._fix is None:
@@ -383,6 +398,7 @@ class ModelRunner:
                             generator=st.generator,
                             eos_token_ids=self.eos_token_ids,
                             allowed_mask=(allowed_masks or {}).get(sid),
+                            inflight_token_ids=self._inflight_tokens(sid, st),
                         )
                     )
                 draw = self.sampler.launch(logits, rows)

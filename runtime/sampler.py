@@ -39,6 +39,9 @@ class SampleRow:
     generator: torch.Generator | None
     eos_token_ids: tuple[int, ...] = ()
     allowed_mask: torch.Tensor | None = None
+    inflight_token_ids: torch.Tensor | None = None
+    # Overlapped scheduling: output tokens the host has not seen yet (negative placeholders in
+    # ``output_token_ids``) as a 1-D long tensor on the logits' device, counted by the penalties.
 
 
 @dataclass
@@ -236,19 +239,30 @@ class Sampler:
 
     @staticmethod
     def _penalise_row(proc: torch.Tensor, j: int, row: SampleRow, vocab: int) -> None:
+        """Penalties over the tokens the host knows plus the in-flight ones still on the device
+        (the same multiset either way, so the same result with and without overlap)."""
         p = row.params
         device = proc.device
+        inflight = row.inflight_token_ids
+        if inflight is not None:
+            inflight = inflight.to(device=device, dtype=torch.long).clamp(0, vocab - 1)
         if p.repetition_penalty != 1.0:
             seen = [t for t in (*row.prompt_token_ids, *row.output_token_ids) if 0 <= t < vocab]
-            if seen:
-                idx = h2d(seen, torch.long, device).unique()
+            if seen or inflight is not None:
+                idx = h2d(seen, torch.long, device)
+                if inflight is not None:
+                    idx = torch.cat([idx, inflight])
+                idx = idx.unique()
                 vals = proc[j, idx]
                 pen = p.repetition_penalty
                 proc[j, idx] = torch.where(vals > 0, vals / pen, vals * pen)
         if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
             out = [t for t in row.output_token_ids if 0 <= t < vocab]
-            if out:
-                counts = torch.bincount(h2d(out, torch.long, device), minlength=vocab)
+            if out or inflight is not None:
+                ids = h2d(out, torch.long, device)
+                if inflight is not None:
+                    ids = torch.cat([ids, inflight])
+                counts = torch.bincount(ids, minlength=vocab)
                 counts = counts.to(proc.dtype)
                 proc[j] -= p.presence_penalty * (counts > 0).to(proc.dtype) + p.frequency_penalty * counts
 

@@ -102,6 +102,9 @@ class Scheduler:
             if seq.num_pending and self._ends_by_length(seq):
                 i += 1  # its last token is in flight: it finishes when that token is seen
                 continue
+            if seq.num_pending and seq.grammar is not None:
+                i += 1  # its next mask needs the token in flight: it runs once that token is seen
+                continue
             draft, seq.draft = seq.draft or [], None
             draft = draft[: max(0, budget - seq.uncomputed)] if seq.uncomputed == 1 else []
             pending = seq.token_ids[seq.bm_len :]
