@@ -165,11 +165,11 @@ class Sampler:
                 self._mask_row(proc, j, row, vocab)
         if masked:
             # A row whose masks left nothing allowed falls back to its unmasked logits.
+            # Chosen on the device: reading ``dead`` on the host would wait for the forward pass.
             m_idx = h2d(masked, torch.long, proc.device)
-            dead = torch.isneginf(proc.index_select(0, m_idx)).all(dim=-1)
-            if bool(dead.any()):
-                d_idx = m_idx[dead]
-                proc[d_idx] = unmasked.index_select(0, d_idx)
+            rows_now = proc.index_select(0, m_idx)
+            dead = torch.isneginf(rows_now).all(dim=-1, keepdim=True)
+            proc.index_copy_(0, m_idx, torch.where(dead, unmasked.index_select(0, m_idx), rows_now))
         for j, row in enumerate(rows):
             self._penalise_row(proc, j, row, vocab)
         return proc
@@ -221,7 +221,7 @@ class Sampler:
             if ids:
                 proc[j, h2d(ids, torch.long, proc.device)] += h2d([p.logit_bias[t] for t in ids], proc.dtype, proc.device)
         if row.allowed_mask is not None:
-            mask = row.allowed_mask.to(device=proc.device, dtype=torch.bool)
+            mask = h2d(row.allowed_mask, torch.bool, proc.device)  # a pinned copy: the host does not wait
             if mask.numel() < vocab:
                 full = torch.zeros(vocab, dtype=torch.bool, device=proc.device)
                 full[: mask.numel()] = mask
@@ -243,6 +243,7 @@ class Sampler:
         (the same multiset either way, so the same result with and without overlap)."""
         p = row.params
         device = proc.device
+        # Nothing here reads the device back (no unique, no bincount), so the host never waits.
         inflight = row.inflight_token_ids
         if inflight is not None:
             inflight = inflight.to(device=device, dtype=torch.long).clamp(0, vocab - 1)
@@ -252,18 +253,19 @@ class Sampler:
                 idx = h2d(seen, torch.long, device)
                 if inflight is not None:
                     idx = torch.cat([idx, inflight])
-                idx = idx.unique()
-                vals = proc[j, idx]
+                hit = torch.zeros(vocab, dtype=torch.bool, device=device)
+                hit[idx] = True
+                vals = proc[j]
                 pen = p.repetition_penalty
-                proc[j, idx] = torch.where(vals > 0, vals / pen, vals * pen)
+                proc[j] = torch.where(hit, torch.where(vals > 0, vals / pen, vals * pen), vals)
         if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
             out = [t for t in row.output_token_ids if 0 <= t < vocab]
             if out or inflight is not None:
                 ids = h2d(out, torch.long, device)
                 if inflight is not None:
                     ids = torch.cat([ids, inflight])
-                counts = torch.bincount(ids, minlength=vocab)
-                counts = counts.to(proc.dtype)
+                counts = torch.zeros(vocab, dtype=proc.dtype, device=device)
+                counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=proc.dtype, device=device))
                 proc[j] -= p.presence_penalty * (counts > 0).to(proc.dtype) + p.frequency_penalty * counts
 
     def _choose(self, proc: torch.Tensor, rows: list[SampleRow], device: torch.device) -> torch.Tensor:
