@@ -221,7 +221,10 @@ class Sampler:
             if ids:
                 proc[j, h2d(ids, torch.long, proc.device)] += h2d([p.logit_bias[t] for t in ids], proc.dtype, proc.device)
         if row.allowed_mask is not None:
-            mask = h2d(row.allowed_mask, torch.bool, proc.device)  # a pinned copy: the host does not wait
+            mask = row.allowed_mask
+            if mask.device != proc.device:
+                mask = h2d(mask, torch.bool, proc.device)  # through pinned memory: the host does not wait
+            mask = mask.to(torch.bool)
             if mask.numel() < vocab:
                 full = torch.zeros(vocab, dtype=torch.bool, device=proc.device)
                 full[: mask.numel()] = mask
