@@ -33,7 +33,8 @@ def engine_dir(small_engine):
 
 
 def _engine(engine_dir, async_scheduling: bool, **kw) -> LLMEngine:
-    eng = LLMEngine(engine_dir, num_kv_blocks=512, async_scheduling=async_scheduling, **kw)
+    kw.setdefault("num_kv_blocks", 512)
+    eng = LLMEngine(engine_dir, async_scheduling=async_scheduling, **kw)
     # The small model's byte tokenizer names no end-of-sequence token: give the grammar the model's.
     eng._grammars = GrammarCompiler(eng.tokenizer, eng.config.model.vocab_size, stop_token_ids=sorted(eng.eos_token_ids))
     return eng
@@ -181,3 +182,51 @@ def test_grammar_sits_out_where_masks_cannot_come_late(engine_dir):
     assert got == sync
     # While the plain requests run, every launch after the first overlaps.
     assert all(trace[1:PLAIN_TOKENS]), trace
+
+
+def _mixed(seed: int, count: int):
+    rng = random.Random(seed)
+    kinds = ["plain", "penalties", "n2", "grammar", "min_bias_logprobs"]
+    reqs = []
+    for i in range(count):
+        prompt = [rng.randrange(3, 2048) for _ in range(rng.randint(2, 120))]
+        kind = kinds[i % len(kinds)]
+        sampled = i % 3 == 0
+        if kind == "plain":
+            sp = SamplingParams(max_tokens=rng.randint(1, 30), temperature=0.0, ignore_eos=True)
+        else:
+            sp = _special(kind, sampled).model_copy(update={"max_tokens": rng.randint(12, 30)})
+            if sampled:
+                sp = sp.model_copy(update={"seed": 1000 + i})
+        reqs.append((f"r{i}", prompt, sp))
+    return reqs
+
+
+def _run_arrivals(engine: LLMEngine, reqs, per_step: int = 3):
+    out, pending = {}, list(reqs)
+    while pending or engine.has_unfinished():
+        for rid, prompt, params in pending[:per_step]:
+            engine.add_request(rid, prompt, params)
+        pending = pending[per_step:]
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = [(c.token_ids, c.finish_reason) for c in o.outputs]
+    assert engine.stats()["kv_blocks_used"] == 0
+    engine.block_manager.check_invariants()
+    return out
+
+
+@pytest.mark.parametrize("policy", ["guaranteed_no_evict", "max_utilization"])
+def test_mixed_arrivals_with_preemption_equal_sync(engine_dir, policy):
+    """Every kind of request, arriving over time into a cache small enough to preempt (with the
+    max_utilization policy): overlapped and synchronous runs give the same outputs."""
+    reqs = _mixed(7, 30)
+    kw = dict(num_kv_blocks=40, max_num_tokens=128, scheduler_policy=policy)
+    sync = _run_arrivals(_engine(engine_dir, False, **kw), reqs)
+    eng = _engine(engine_dir, True, **kw)
+    got = _run_arrivals(eng, reqs)
+    assert got == sync
+    stats = eng.stats()
+    if policy == "max_utilization":
+        assert stats["preemptions"] > 0
+    assert stats["overlapped_steps"] > 0.8 * (stats["overlapped_steps"] + stats["synced_steps"])
