@@ -12,6 +12,11 @@ Per row, in order:
 
 A row whose masks leave no token allowed is sampled from its unmasked logits instead.
 
+With overlapped scheduling a row's output may end in tokens the host has not seen yet (negative
+placeholders): they count towards ``min_tokens``, and the penalties count them from
+``inflight_token_ids``, their copies on the device. Nothing here reads the device back, so a
+launched step's sampling never makes the host wait for its forward pass.
+
 Draws use the exponential race (``argmax(p / E)`` with ``E ~ Exp(1)``), which picks index ``i``
 with probability ``p_i``. Rows with their own generator draw their noise from it alone, so a
 seeded row's token depends only on its seed, its logits and how many tokens it has drawn.
