@@ -21,6 +21,14 @@ this order on the one server:
 6. Poisson sweep: requests arriving as a Poisson process at several rates, prompt and output
    lengths log-normal (as the earlier serving records), throughput and TTFT/TPOT per rate.
 
+7. engine stall (``--workloads engine_stall``, in this process, no server): the cost of one such
+   request in a batch through ``LLM.generate`` with overlapped scheduling on: 64 plain greedy
+   requests (200-token prompts, 200 output tokens, ignore_eos), then the same with one of them
+   swapped for a penalties, an n=2 or a grammar request; each run's median decode step time while
+   the special request is in the batch, over the plain run's, and the share of steps that were
+   planned while the previous step was still on the device. The same runs without overlap give
+   the reference. A run of this workload alone starts no server.
+
 Then the server stops (freeing the device) and, with ``--engine-ratio``, the same requests of (2)
 and (4) run through `LLM.generate` in this process; the engine's step time at the batch comes from
 timing its steps there (without the flag, from the server's /metrics: the engine core's busy time
@@ -31,6 +39,7 @@ report from both the engine core and the API server.
     kiln bench serving --engine-ratio                         # GPU: llama-3-8b, random weights drawn at load
     kiln bench serving --engine engines/x --engine-ratio
     kiln bench serving --smoke --engine-ratio                 # CPU: small sizes, tiny-llama
+    kiln bench serving --workloads engine_stall [--smoke]     # only the engine-side stall costs
     python benchmarks/bench_serving.py --workloads concurrent,batch1 --clients 64
 
 TTFT is the time to the first streamed chunk; the server sends one for every step that produced
@@ -54,6 +63,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serving_clients import ClientPool, MetricsSampler, Server, http_get  # noqa: E402
 
 WORKLOADS = ("fresh_ttft", "batch1", "burst", "concurrent", "stall", "poisson")
+ENGINE_WORKLOADS = ("engine_stall",)  # run through LLM.generate in this process; not in the default list
+ENGINE_STALL_VARIANTS = ("penalties", "n2", "grammar")
 STALL_VARIANTS = ("penalties", "n2", "grammar", "min_tokens", "logprobs", "logit_bias")
 LIMITS = {  # criterion -> (op, limit)
     "throughput_vs_engine": (">=", 0.9),
@@ -333,6 +344,97 @@ def run_engine(engine_dir: str, concurrent_reqs, batch1_reqs, temperature: float
     return out
 
 
+def engine_stall_params(variant: str, out_len: int):
+    """The SamplingParams of one engine-stall request (greedy, ``out_len`` tokens)."""
+    from kiln.runtime import SamplingParams
+
+    base = dict(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    if variant == "plain":
+        return SamplingParams(**base)
+    if variant == "penalties":
+        return SamplingParams(**base, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5)
+    if variant == "n2":
+        return SamplingParams(**base, n=2)
+    if variant == "grammar":
+        # A JSON string far longer than the output: the request stays under the grammar (and in the
+        # batch) for all its tokens whatever a random-weight model picks.
+        schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 100 * out_len}}, "required": ["text"]}
+        return SamplingParams(**base, response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+    raise ValueError(f"unknown engine stall variant {variant!r}: use {', '.join(ENGINE_STALL_VARIANTS)}")
+
+
+def run_engine_stall(engine_dir: str, prompts: Prompts, batch: int, prompt_len: int, out_len: int,
+                     variants: list[str]) -> dict:
+    """``batch`` plain greedy requests through LLM.generate, then the same with the first swapped
+    for each variant, with overlapped scheduling on and off: per run, the median step time over
+    decode steps with the whole batch in (for a variant, while its request is running) and the
+    share of launched steps that overlapped; each variant's step time over the plain run's."""
+    from kiln.runtime import LLM
+
+    reqs = [prompts.make(prompt_len) for _ in range(batch)]
+    out: dict = {"batch": batch, "prompt_tokens": prompt_len, "output_tokens": out_len, "variants": list(variants)}
+    for mode, overlap in (("overlap", True), ("sync", False)):
+        t = time.monotonic()
+        llm = LLM(engine_dir, async_scheduling=overlap)
+        eng = llm.engine
+        rows: dict = {"load_s": round(time.monotonic() - t, 1), "async_scheduling": eng.async_scheduling}
+        steps: list[tuple[bool, float]] = []
+        special = {"params": None}
+        orig = eng.step
+
+        def timed_step():
+            sch = eng.scheduler
+            full = not sch.waiting and len(sch.running) >= batch and all(s.uncomputed <= 1 for s in sch.running)
+            sp = special["params"]
+            if sp is not None:
+                full = full and any(s.request.params is sp for s in sch.running)
+            t0 = time.perf_counter()
+            res = orig()
+            steps.append((full, time.perf_counter() - t0))
+            return res
+
+        eng.step = timed_step
+        try:
+            llm.generate([reqs[0][: max(1, prompt_len // 2)]], engine_stall_params("plain", 4))  # warm-up
+            for v in ("plain", *variants):
+                params = [engine_stall_params("plain", out_len) for _ in range(batch)]
+                try:
+                    params[0] = engine_stall_params(v, out_len)
+                except Exception as e:  # noqa: BLE001 - a variant this engine cannot serve is reported, not fatal
+                    rows[v] = {"error": f"{type(e).__name__}: {e}"}
+                    continue
+                special["params"] = params[0] if v != "plain" else None
+                steps.clear()
+                o0, s0 = eng.overlapped_steps, eng.synced_steps
+                t0 = time.perf_counter()
+                try:
+                    outs = llm.generate(reqs, params)
+                except Exception as e:  # noqa: BLE001
+                    rows[v] = {"error": f"{type(e).__name__}: {e}"}
+                    continue
+                wall = time.perf_counter() - t0
+                full = [dt for f, dt in steps if f]
+                o, sy = eng.overlapped_steps - o0, eng.synced_steps - s0
+                rows[v] = {
+                    "step_ms_p50": _r(statistics.median(full) * 1000, 3) if full else None, "steps_timed": len(full),
+                    "steps": len(steps), "wall_s": round(wall, 3),
+                    "overlapped_share": _r(o / (o + sy), 3) if o + sy else None,
+                    "special_tokens": [len(c.token_ids) for c in outs[0].outputs],
+                    "special_finish": [c.finish_reason for c in outs[0].outputs],
+                }
+            plain = rows.get("plain", {}).get("step_ms_p50")
+            for v in variants:
+                r = rows.get(v, {})
+                if plain and r.get("step_ms_p50"):
+                    r["step_vs_plain"] = _r(r["step_ms_p50"] / plain, 3)
+        finally:
+            eng.step = orig
+            llm.shutdown()
+            del llm, eng
+        out[mode] = rows
+    return out
+
+
 # ================================================================================================
 # Criteria, checks, the record
 # ================================================================================================
@@ -415,7 +517,10 @@ def parse_args(argv=None):
     ap.add_argument("--build-max-seq-len", type=int, default=4096)
     ap.add_argument("--build-max-num-tokens", type=int, default=8192)
     ap.add_argument("--smoke", action="store_true", help="small sizes for every workload (a CPU check of the benchmark)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help=f"comma-separated subset of {','.join(WORKLOADS + ENGINE_WORKLOADS)}")
+    ap.add_argument("--engine-stall-variants", default=",".join(ENGINE_STALL_VARIANTS),
+                    help=f"comma-separated subset of {','.join(ENGINE_STALL_VARIANTS)} (engine_stall workload)")
     ap.add_argument("--engine-ratio", action="store_true",
                     help="after the server stops, run the concurrent and batch-1 requests through LLM.generate here")
     ap.add_argument("--api-server-count", type=int, default=1)
@@ -450,9 +555,13 @@ def parse_args(argv=None):
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
-    bad = [w for w in a.workloads if w not in WORKLOADS]
+    bad = [w for w in a.workloads if w not in WORKLOADS + ENGINE_WORKLOADS]
     if bad:
-        ap.error(f"unknown workloads {bad}: use {','.join(WORKLOADS)}")
+        ap.error(f"unknown workloads {bad}: use {','.join(WORKLOADS + ENGINE_WORKLOADS)}")
+    a.engine_stall_variants = [v.strip() for v in a.engine_stall_variants.split(",") if v.strip()]
+    bad = [v for v in a.engine_stall_variants if v not in ENGINE_STALL_VARIANTS]
+    if bad:
+        ap.error(f"unknown engine stall variants {bad}: use {','.join(ENGINE_STALL_VARIANTS)}")
     a.stall_variants = [v.strip() for v in a.stall_variants.split(",") if v.strip()]
     bad = [v for v in a.stall_variants if v not in STALL_VARIANTS]
     if bad:
@@ -510,70 +619,80 @@ def main(argv=None) -> dict:
     metrics: dict = {}
     concurrent_reqs = batch1_reqs = None
 
-    t = time.monotonic()
-    pool = ClientPool(a.client_procs)
-    server = Server(engine_dir, log_path, a.api_server_count, a.serve_arg)
-    try:
-        timings["server_start_s"] = round(server.wait_healthy(a.health_timeout), 1)
-        status, body = http_get(server.url + "/v1/models")
-        model = json.loads(body)["data"][0]["id"]
-        url = server.url
-        print(f"kiln serve up in {timings['server_start_s']} s at {url} (log {log_path})", flush=True)
+    if any(w in WORKLOADS for w in a.workloads):  # the server's part
+        t = time.monotonic()
+        pool = ClientPool(a.client_procs)
+        server = Server(engine_dir, log_path, a.api_server_count, a.serve_arg)
+        try:
+            timings["server_start_s"] = round(server.wait_healthy(a.health_timeout), 1)
+            status, body = http_get(server.url + "/v1/models")
+            model = json.loads(body)["data"][0]["id"]
+            url = server.url
+            print(f"kiln serve up in {timings['server_start_s']} s at {url} (log {log_path})", flush=True)
 
-        def phase(name, fn):
-            t0 = time.monotonic()
-            r = fn()
-            timings[f"{name}_s"] = round(time.monotonic() - t0, 1)
-            shown = {k: v for k, v in r.items() if not isinstance(v, (list, dict))} if isinstance(r, dict) else r
-            print(f"{name}: {shown}", flush=True)
-            return r
+            def phase(name, fn):
+                t0 = time.monotonic()
+                r = fn()
+                timings[f"{name}_s"] = round(time.monotonic() - t0, 1)
+                shown = {k: v for k, v in r.items() if not isinstance(v, (list, dict))} if isinstance(r, dict) else r
+                print(f"{name}: {shown}", flush=True)
+                return r
 
-        if "fresh_ttft" in a.workloads:  # first: nothing else may reach the server before it
-            metrics["fresh_ttft"] = phase("fresh_ttft", lambda: run_fresh_ttft(pool, url, model, prompts, lengths, a.temperature))
-            print(f"  lengths {lengths} first {metrics['fresh_ttft']['first_ms']} second {metrics['fresh_ttft']['second_ms']}")
-        if "batch1" in a.workloads:
-            def b1():
-                nonlocal batch1_reqs
-                r, batch1_reqs = run_batch1(pool, server, url, model, prompts, a.prompt_len, a.output_len, a.batch1_runs, a.temperature)
-                return r
-            metrics["batch1"] = phase("batch1", b1)
-        if "burst" in a.workloads:
-            metrics["burst"] = phase("burst", lambda: run_burst(pool, url, model, prompts, a.burst_clients, a.burst_prompt_len,
-                                                                a.burst_output_len, a.temperature))
-        if "concurrent" in a.workloads:
-            def conc():
-                nonlocal concurrent_reqs
-                r, concurrent_reqs = run_concurrent(pool, server, url, model, prompts, a.clients, a.prompt_len, a.output_len,
-                                                    a.temperature)
-                return r
-            metrics["concurrent"] = phase("concurrent", conc)
-        if "stall" in a.workloads:
-            metrics["stall"] = phase("stall", lambda: run_stall(pool, url, model, prompts, a.stall_batch, a.prompt_len,
-                                                                a.stall_output_len, a.stall_variants, es["vocab_size"],
-                                                                a.temperature))
-            for v, row in metrics["stall"]["variants"].items():
-                print(f"  stall {v}: {row}")
-        if "poisson" in a.workloads:
-            rates = [float(r) for r in a.rates.split(",")]
-            metrics["per_rate"] = phase("poisson", lambda: {"rows": run_poisson(
-                pool, url, model, prompts, rates, a.poisson_requests, a.poisson_prompt_median, a.poisson_output_median,
-                max_seq, a.seed, a.temperature)})["rows"]
-        final = server.metrics()
-    finally:
-        pool.close()
-        rc = server.stop()
-    timings["server_phase_s"] = round(time.monotonic() - t, 1)
-    with open(log_path) as f:
-        log_text = f.read()
-    checks = server_checks(final, log_text)
-    checks["serve_exit_status"] = rc
-    metrics["server_checks"] = checks
+            if "fresh_ttft" in a.workloads:  # first: nothing else may reach the server before it
+                metrics["fresh_ttft"] = phase("fresh_ttft", lambda: run_fresh_ttft(pool, url, model, prompts, lengths, a.temperature))
+                print(f"  lengths {lengths} first {metrics['fresh_ttft']['first_ms']} second {metrics['fresh_ttft']['second_ms']}")
+            if "batch1" in a.workloads:
+                def b1():
+                    nonlocal batch1_reqs
+                    r, batch1_reqs = run_batch1(pool, server, url, model, prompts, a.prompt_len, a.output_len, a.batch1_runs, a.temperature)
+                    return r
+                metrics["batch1"] = phase("batch1", b1)
+            if "burst" in a.workloads:
+                metrics["burst"] = phase("burst", lambda: run_burst(pool, url, model, prompts, a.burst_clients, a.burst_prompt_len,
+                                                                    a.burst_output_len, a.temperature))
+            if "concurrent" in a.workloads:
+                def conc():
+                    nonlocal concurrent_reqs
+                    r, concurrent_reqs = run_concurrent(pool, server, url, model, prompts, a.clients, a.prompt_len, a.output_len,
+                                                        a.temperature)
+                    return r
+                metrics["concurrent"] = phase("concurrent", conc)
+            if "stall" in a.workloads:
+                metrics["stall"] = phase("stall", lambda: run_stall(pool, url, model, prompts, a.stall_batch, a.prompt_len,
+                                                                    a.stall_output_len, a.stall_variants, es["vocab_size"],
+                                                                    a.temperature))
+                for v, row in metrics["stall"]["variants"].items():
+                    print(f"  stall {v}: {row}")
+            if "poisson" in a.workloads:
+                rates = [float(r) for r in a.rates.split(",")]
+                metrics["per_rate"] = phase("poisson", lambda: {"rows": run_poisson(
+                    pool, url, model, prompts, rates, a.poisson_requests, a.poisson_prompt_median, a.poisson_output_median,
+                    max_seq, a.seed, a.temperature)})["rows"]
+            final = server.metrics()
+        finally:
+            pool.close()
+            rc = server.stop()
+        timings["server_phase_s"] = round(time.monotonic() - t, 1)
+        with open(log_path) as f:
+            log_text = f.read()
+        checks = server_checks(final, log_text)
+        checks["serve_exit_status"] = rc
+        metrics["server_checks"] = checks
 
     if a.engine_ratio and (concurrent_reqs or batch1_reqs):
         t = time.monotonic()
         metrics["engine"] = run_engine(engine_dir, concurrent_reqs, batch1_reqs, a.temperature)
         timings["engine_s"] = round(time.monotonic() - t, 1)
         print(f"engine (LLM.generate): {metrics['engine']}", flush=True)
+
+    if "engine_stall" in a.workloads:
+        t = time.monotonic()
+        metrics["engine_stall"] = run_engine_stall(engine_dir, Prompts(es["vocab_size"], a.seed + 1), a.stall_batch,
+                                                   a.prompt_len, a.stall_output_len, a.engine_stall_variants)
+        timings["engine_stall_s"] = round(time.monotonic() - t, 1)
+        for mode in ("overlap", "sync"):
+            for v, row in metrics["engine_stall"][mode].items():
+                print(f"  engine stall {mode} {v}: {row}", flush=True)
 
     # --- the headline figures and the criteria ---------------------------------------------------
     eng = metrics.get("engine", {})
@@ -637,6 +756,8 @@ def main(argv=None) -> dict:
                     "prompt_tokens": f"log-normal, median {a.poisson_prompt_median}, sigma 0.8",
                     "output_tokens": f"log-normal, median {a.poisson_output_median}, sigma 0.6, ignore_eos"},
         "serve_args": a.serve_arg,
+        "engine_stall": {"batch": a.stall_batch, "prompt_tokens": a.prompt_len, "output_tokens": a.stall_output_len,
+                         "variants": a.engine_stall_variants, "greedy": True, "ignore_eos": True},
     }
     from record import RESULTS, write_record
 

@@ -72,6 +72,10 @@ class LLMEngine:
         self._changed: dict[str, Request] = {}
         self.num_steps = 0
         self.forward_s = 0.0
+        # Launched steps planned while the previous step's tokens were still on the device, and
+        # those planned with every token on the host.
+        self.overlapped_steps = 0
+        self.synced_steps = 0
         self._seqs_by_id: dict[int, Sequence] = {}
         self._grammars = None
         self.spec = parse_config(speculative_config)
@@ -88,6 +92,10 @@ class LLMEngine:
         if async_scheduling and not can_launch:
             raise ValueError("async_scheduling needs an executor that can launch a step without waiting for it")
         self.async_scheduling = bool(async_scheduling)
+        # A grammar sequence whose last token is in flight runs in the next step with its mask
+        # applied after the launch (once that token is seen) where the executor can take late
+        # masks; elsewhere it sits out that step.
+        self.scheduler.grammar_waits = not getattr(self.executor, "late_masks", False)
         self._inflight = None  # the launched step whose tokens are not processed yet
         # Streaming callers get every request's state after each step that changed it; offline
         # callers (LLM.generate) set this False and get finished requests only, and the text is
@@ -182,7 +190,7 @@ class LLMEngine:
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         overlap = self._can_overlap()  # scheduling below only removes requests: it stays valid
-        if self._inflight is not None and not overlap:
+        if self._inflight is not None and (not overlap or self._all_wait_for_host()):
             self._drain()
         if self.spec is not None:
             self._propose()
@@ -200,12 +208,22 @@ class LLMEngine:
         self.scheduler.failed.clear()
         self._fork_children(plan)
         if plan.num_seqs or plan.finished:
-            masks = self._grammar_masks(plan)
+            masks, late = self._grammar_masks(plan)
+            if plan.num_seqs:
+                if self._inflight is not None:
+                    self.overlapped_steps += 1
+                else:
+                    self.synced_steps += 1
             if self.async_scheduling:
-                pending = self.executor.launch(plan, masks) if masks else self.executor.launch(plan)
+                if late:
+                    pending = self.executor.launch(plan, masks, late_masks=late)
+                else:
+                    pending = self.executor.launch(plan, masks) if masks else self.executor.launch(plan)
                 if overlap:
                     self._add_placeholders(plan)
                 self._drain()
+                if late:  # their last tokens are on the host now: so are their masks
+                    pending.apply_masks(self._late_grammar_masks(late))
                 self._inflight = pending
                 if not overlap:
                     self._drain()
@@ -222,16 +240,24 @@ class LLMEngine:
 
     # --- overlapped scheduling ------------------------------------------------------------------
     def _can_overlap(self) -> bool:
-        """Whether the next step may be planned before the last one's tokens are seen: not while a
-        sequence needs its full history on the host to sample (grammar, penalties) or forks (n > 1)."""
-        if not self.async_scheduling or self.spec is not None:
+        """Whether the next step may be planned before the last one's tokens are seen: always with
+        overlapped scheduling on, except while speculating (proposals need the last tokens).
+
+        Nothing else needs the host to have every token: the workers count the in-flight tokens
+        (still on the device) into penalties and min_tokens, a fork (n > 1) happens on the step
+        that samples the first token, when nothing of its parent is in flight, and a sequence
+        under a grammar, whose next mask needs its last token on the host, is launched with the
+        rest and draws its token once the mask is known (``late_masks``), or, where the executor
+        cannot do that, sits out the steps planned while its token is in flight."""
+        return self.async_scheduling and self.spec is None
+
+    def _all_wait_for_host(self) -> bool:
+        """True when every sequence that could run next needs a token still in flight (grammar
+        sequences where the executor cannot take late masks): planning ahead would launch an
+        empty step, so wait for the tokens."""
+        if not self.scheduler.grammar_waits or self.scheduler.waiting:
             return False
-        for q in (self.scheduler.running, self.scheduler.waiting):
-            for seq in q:
-                p = seq.request.params
-                if seq.grammar is not None or p.needs_penalties or p.n > 1:
-                    return False
-        return True
+        return all(s.grammar is not None and s.num_pending for s in self.scheduler.running)
 
     def _add_placeholders(self, plan) -> None:
         """Each sequence that samples in the launched step gets a placeholder for its token."""
@@ -255,14 +281,28 @@ class LLMEngine:
             del seq.token_ids[len(seq.token_ids) - seq.num_pending :]
             seq.num_pending = 0
 
-    def _grammar_masks(self, plan) -> dict:
-        """Allowed-token masks of the sequences that sample this step under a grammar."""
-        masks = {}
+    def _grammar_masks(self, plan) -> tuple[dict, list[int]]:
+        """Allowed-token masks of the sequences that sample this step under a grammar, and the
+        sequences whose mask waits for their token in flight (``late_masks`` of the launch)."""
+        masks, late = {}, []
         for e in (*plan.new, *plan.cached):
             if e.sample:
                 seq = self._seqs_by_id.get(e.seq_id)
                 if seq is not None and seq.grammar is not None:
-                    masks[e.seq_id] = seq.grammar.allowed_mask()
+                    if seq.num_pending:
+                        late.append(e.seq_id)
+                    else:
+                        masks[e.seq_id] = seq.grammar.allowed_mask()
+        return masks, late
+
+    def _late_grammar_masks(self, late: list[int]) -> dict:
+        """The masks of the launched step's late-mask sequences, now that their last tokens are
+        processed (a sequence that finished meanwhile gets none: its token is not used)."""
+        masks = {}
+        for sid in late:
+            seq = self._seqs_by_id.get(sid)
+            if seq is not None and not seq.finished:
+                masks[sid] = seq.grammar.allowed_mask()
         return masks
 
     def _fork_children(self, plan) -> None:
@@ -453,6 +493,8 @@ class LLMEngine:
     def stats(self) -> dict:
         s = self.scheduler.stats()
         s["steps"] = self.num_steps
+        s["overlapped_steps"] = self.overlapped_steps
+        s["synced_steps"] = self.synced_steps
         if self.spec is not None:
             s["spec_proposed_tokens"] = self.spec_proposed
             s["spec_accepted_tokens"] = self.spec_accepted

@@ -37,6 +37,7 @@ class LLM:
         topology=None,
         scheduler_policy: str = "guaranteed_no_evict",
         speculative_config: dict | None = None,
+        async_scheduling: bool | None = None,
     ):
         if launcher == "ray":
             if speculative_config is not None:
@@ -54,6 +55,7 @@ class LLM:
                 engine, launcher=launcher, device=device, num_kv_blocks=num_kv_blocks,
                 enable_prefix_caching=enable_prefix_caching, max_num_tokens=max_num_tokens, max_batch_size=max_batch_size,
                 seed=seed, scheduler_policy=scheduler_policy, speculative_config=speculative_config,
+                async_scheduling=async_scheduling,
             )
         self.engine.stream_outputs = False
         self.tokenizer = self.engine.tokenizer

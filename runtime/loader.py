@@ -240,8 +240,10 @@ class LocalExecutor:
     def execute(self, plan, allowed_masks=None):
         return self.runner.execute(plan, allowed_masks)
 
-    def launch(self, plan, allowed_masks=None):
-        return self.runner.launch(plan, allowed_masks)
+    late_masks = True  # launch() takes sequences whose masks come after the launch
+
+    def launch(self, plan, allowed_masks=None, late_masks=()):
+        return self.runner.launch(plan, allowed_masks, late_masks)
 
     def shutdown(self) -> None:
         pass

@@ -160,6 +160,21 @@ class ModelRunner:
             raise RuntimeError(f"sequence {sid}: token at position {position} is not known to this worker")
         return row[0]
 
+    def _inflight_tokens(self, sid: int, st: SeqState) -> torch.Tensor | None:
+        """The device copies of ``sid``'s output tokens the coordinator has not seen yet (its
+        placeholders), for a sampler that counts the history: penalties. None when there are none
+        or nothing reads them."""
+        p = st.params
+        if not p.needs_penalties:
+            return None
+        first = len(st.token_ids)
+        while first > st.num_prompt and st.token_ids[first - 1] < 0:  # placeholders are trailing
+            first -= 1
+        if first == len(st.token_ids):
+            return None
+        rows = [self._device_token_row(sid, i) for i in range(first, len(st.token_ids))]
+        return self._prev_tokens.index_select(0, h2d(rows, torch.long, self.device))
+
     def _apply_fix(self, input_ids: torch.Tensor) -> None:
         """Writes the device-resident tokens of the previous step into this step's input ids."""
         if self._fix is None:
@@ -328,12 +343,18 @@ class ModelRunner:
         return self.launch(plan, allowed_masks).result()
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan, allowed_masks: dict[int, torch.Tensor] | None = None) -> "PendingStep":
+    def launch(self, plan: StepPlan, allowed_masks: dict[int, torch.Tensor] | None = None,
+               late_masks: list[int] | tuple[int, ...] = ()) -> "PendingStep":
         """Enqueues one step and returns without waiting for the device.
 
         The sampled tokens stay on the device for the next step's inputs (a sequence whose last
         token the coordinator has not seen yet arrives with a negative placeholder); their host
-        copies are in flight until ``PendingStep.result()``."""
+        copies are in flight until ``PendingStep.result()``.
+
+        Sequences in ``late_masks`` sample under an allowed-token mask the coordinator cannot know
+        yet (a grammar's next mask needs the token in flight): their logits are computed now and
+        their draw is enqueued by ``PendingStep.apply_masks`` once the masks are known, on the
+        device after this step's forward pass, before the next step reads their tokens."""
         work = self._apply(plan)
         result = StepResult(step_id=plan.step_id)
         if not work:
@@ -383,7 +404,9 @@ class ModelRunner:
         # Where each sampled token will sit in its sequence: the next step may read it from here.
         prev_rows = {sid: (i, len(self.seqs[sid].token_ids)) for i, sid in enumerate(sampled_ids)}
         tokens = draw = None
-        plain = bool(sampled_ids) and all(self._plain_greedy(sid, allowed_masks) for sid in sampled_ids)
+        late_ids = set(late_masks) & set(sampled_ids) if late_masks and self.samples else set()
+        late = None  # [indices in sampled_ids, their logits, their rows, the indices on the device, their draw]
+        plain = bool(sampled_ids) and not late_ids and all(self._plain_greedy(sid, allowed_masks) for sid in sampled_ids)
         if plain and self.model.mapping.tp > 1:
             idx = h2d(sample_rows, torch.long, self.device)
             tokens = self.model.greedy_tokens(hidden.index_select(0, idx))
@@ -409,10 +432,22 @@ class ModelRunner:
                             generator=st.generator,
                             eos_token_ids=self.eos_token_ids,
                             allowed_mask=(allowed_masks or {}).get(sid),
+                            inflight_token_ids=self._inflight_tokens(sid, st),
                         )
                     )
-                draw = self.sampler.launch(logits, rows)
-                tokens = draw.token_ids
+                if late_ids:
+                    now = [i for i, sid in enumerate(sampled_ids) if sid not in late_ids]
+                    later = [i for i, sid in enumerate(sampled_ids) if sid in late_ids]
+                    tokens = torch.zeros(len(sampled_ids), dtype=torch.long, device=self.device)
+                    if now:
+                        now_idx = h2d(now, torch.long, self.device)
+                        draw = self.sampler.launch(logits.index_select(0, now_idx), [rows[i] for i in now])
+                        tokens.index_copy_(0, now_idx, draw.token_ids)
+                    later_idx = h2d(later, torch.long, self.device)
+                    late = [later, logits.index_select(0, later_idx), [rows[i] for i in later], later_idx, None]
+                else:
+                    draw = self.sampler.launch(logits, rows)
+                    tokens = draw.token_ids
         if tokens is not None:
             self._prev_tokens, self._prev_rows = tokens, prev_rows
         else:
@@ -425,12 +460,39 @@ class ModelRunner:
             done = torch.cuda.Event()
             done.record()
 
+        def apply_masks(masks: dict[int, torch.Tensor] | None) -> None:
+            """Draws the late-mask sequences' tokens under ``masks`` (a sequence left out samples
+            unmasked: one that finished meanwhile, whose token is not used)."""
+            if late is None or late[4] is not None:
+                return
+            later, lg, lrows, later_idx, _ = late
+            for i, row in zip(later, lrows):
+                row.allowed_mask = (masks or {}).get(sampled_ids[i])
+            with torch.inference_mode():
+                d = self.sampler.launch(lg, lrows)
+                tokens.index_copy_(0, later_idx, d.token_ids)
+            late[4] = d
+            if done is not None:
+                done.record()
+
         def finish() -> None:
+            if late is not None:
+                apply_masks(None)
             if done is not None:
                 done.synchronize()
             if ev is not None:
                 self.last_gpu_s = ev[0].elapsed_time(ev[1]) / 1000
-            if draw is not None:
+            if late is not None:
+                got: list = [None] * len(sampled_ids)
+                if draw is not None:
+                    now = [i for i, sid in enumerate(sampled_ids) if sid not in late_ids]
+                    for i, r in zip(now, self.sampler.finish(draw)):
+                        got[i] = r
+                for i, r in zip(late[0], self.sampler.finish(late[4])):
+                    got[i] = r
+                for sid, r in zip(sampled_ids, got):
+                    result.sampled.append(SampledToken(sid, r.token_id, r.logprob, r.rank, r.top_logprobs))
+            elif draw is not None:
                 for sid, r in zip(sampled_ids, self.sampler.finish(draw)):
                     result.sampled.append(SampledToken(sid, r.token_id, r.logprob, r.rank, r.top_logprobs))
             elif tokens is not None:
@@ -446,15 +508,22 @@ class ModelRunner:
                     st.token_ids[row[1]] = st_tok.token_id
             result.forward_s = time.perf_counter() - t0
 
-        return PendingStep(result, finish)
+        return PendingStep(result, finish, apply_masks if late is not None else None)
 
 
 class PendingStep:
-    """A launched step; ``result()`` waits for the device and returns the sampled tokens."""
+    """A launched step; ``result()`` waits for the device and returns the sampled tokens.
+    ``apply_masks`` hands over the masks of the sequences launched with late masks."""
 
-    def __init__(self, result: StepResult, finish=None):
+    def __init__(self, result: StepResult, finish=None, apply_masks=None):
         self._result = result
         self._finish = finish
+        self._apply_masks = apply_masks
+
+    def apply_masks(self, masks: dict[int, torch.Tensor] | None) -> None:
+        if self._apply_masks is not None:
+            f, self._apply_masks = self._apply_masks, None
+            f(masks)
 
     def result(self) -> StepResult:
         if self._finish is not None:

@@ -12,6 +12,11 @@ Per row, in order:
 
 A row whose masks leave no token allowed is sampled from its unmasked logits instead.
 
+With overlapped scheduling a row's output may end in tokens the host has not seen yet (negative
+placeholders): they count towards ``min_tokens``, and the penalties count them from
+``inflight_token_ids``, their copies on the device. Nothing here reads the device back, so a
+launched step's sampling never makes the host wait for its forward pass.
+
 Draws use the exponential race (``argmax(p / E)`` with ``E ~ Exp(1)``), which picks index ``i``
 with probability ``p_i``. Rows with their own generator draw their noise from it alone, so a
 seeded row's token depends only on its seed, its logits and how many tokens it has drawn.
@@ -39,6 +44,9 @@ class SampleRow:
     generator: torch.Generator | None
     eos_token_ids: tuple[int, ...] = ()
     allowed_mask: torch.Tensor | None = None
+    inflight_token_ids: torch.Tensor | None = None
+    # Overlapped scheduling: output tokens the host has not seen yet (negative placeholders in
+    # ``output_token_ids``) as a 1-D long tensor on the logits' device, counted by the penalties.
 
 
 @dataclass
@@ -162,11 +170,11 @@ class Sampler:
                 self._mask_row(proc, j, row, vocab)
         if masked:
             # A row whose masks left nothing allowed falls back to its unmasked logits.
+            # Chosen on the device: reading ``dead`` on the host would wait for the forward pass.
             m_idx = h2d(masked, torch.long, proc.device)
-            dead = torch.isneginf(proc.index_select(0, m_idx)).all(dim=-1)
-            if bool(dead.any()):
-                d_idx = m_idx[dead]
-                proc[d_idx] = unmasked.index_select(0, d_idx)
+            rows_now = proc.index_select(0, m_idx)
+            dead = torch.isneginf(rows_now).all(dim=-1, keepdim=True)
+            proc.index_copy_(0, m_idx, torch.where(dead, unmasked.index_select(0, m_idx), rows_now))
         for j, row in enumerate(rows):
             self._penalise_row(proc, j, row, vocab)
         return proc
@@ -218,7 +226,10 @@ class Sampler:
             if ids:
                 proc[j, h2d(ids, torch.long, proc.device)] += h2d([p.logit_bias[t] for t in ids], proc.dtype, proc.device)
         if row.allowed_mask is not None:
-            mask = row.allowed_mask.to(device=proc.device, dtype=torch.bool)
+            mask = row.allowed_mask
+            if mask.device != proc.device:
+                mask = h2d(mask, torch.bool, proc.device)  # through pinned memory: the host does not wait
+            mask = mask.to(torch.bool)
             if mask.numel() < vocab:
                 full = torch.zeros(vocab, dtype=torch.bool, device=proc.device)
                 full[: mask.numel()] = mask
@@ -236,20 +247,33 @@ class Sampler:
 
     @staticmethod
     def _penalise_row(proc: torch.Tensor, j: int, row: SampleRow, vocab: int) -> None:
+        """Penalties over the tokens the host knows plus the in-flight ones still on the device
+        (the same multiset either way, so the same result with and without overlap)."""
         p = row.params
         device = proc.device
+        # Nothing here reads the device back (no unique, no bincount), so the host never waits.
+        inflight = row.inflight_token_ids
+        if inflight is not None:
+            inflight = inflight.to(device=device, dtype=torch.long).clamp(0, vocab - 1)
         if p.repetition_penalty != 1.0:
             seen = [t for t in (*row.prompt_token_ids, *row.output_token_ids) if 0 <= t < vocab]
-            if seen:
-                idx = h2d(seen, torch.long, device).unique()
-                vals = proc[j, idx]
+            if seen or inflight is not None:
+                idx = h2d(seen, torch.long, device)
+                if inflight is not None:
+                    idx = torch.cat([idx, inflight])
+                hit = torch.zeros(vocab, dtype=torch.bool, device=device)
+                hit[idx] = True
+                vals = proc[j]
                 pen = p.repetition_penalty
-                proc[j, idx] = torch.where(vals > 0, vals / pen, vals * pen)
+                proc[j] = torch.where(hit, torch.where(vals > 0, vals / pen, vals * pen), vals)
         if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
             out = [t for t in row.output_token_ids if 0 <= t < vocab]
-            if out:
-                counts = torch.bincount(h2d(out, torch.long, device), minlength=vocab)
-                counts = counts.to(proc.dtype)
+            if out or inflight is not None:
+                ids = h2d(out, torch.long, device)
+                if inflight is not None:
+                    ids = torch.cat([ids, inflight])
+                counts = torch.zeros(vocab, dtype=proc.dtype, device=device)
+                counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=proc.dtype, device=device))
                 proc[j] -= p.presence_penalty * (counts > 0).to(proc.dtype) + p.frequency_penalty * counts
 
     def _choose(self, proc: torch.Tensor, rows: list[SampleRow], device: torch.device) -> torch.Tensor:

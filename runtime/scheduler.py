@@ -41,6 +41,9 @@ class Scheduler:
         self._step = 0
         self.num_preemptions = 0
         self.failed: list[tuple[Sequence, str]] = []
+        # Overlapped scheduling: a grammar sequence whose last token is in flight skips the step
+        # (its mask needs that token) unless the executor applies masks after the launch.
+        self.grammar_waits = True
 
     # --- queues ---------------------------------------------------------------------------------
     @staticmethod
@@ -101,6 +104,9 @@ class Scheduler:
                 break
             if seq.num_pending and self._ends_by_length(seq):
                 i += 1  # its last token is in flight: it finishes when that token is seen
+                continue
+            if seq.num_pending and seq.grammar is not None and self.grammar_waits:
+                i += 1  # its next mask needs the token in flight: it runs once that token is seen
                 continue
             draft, seq.draft = seq.draft or [], None
             draft = draft[: max(0, budget - seq.uncomputed)] if seq.uncomputed == 1 else []

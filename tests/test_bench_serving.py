@@ -85,3 +85,30 @@ def test_bench_serving_smoke_writes_a_full_record(small_engine, tmp_path):
         assert crit["pass"] == (crit["value"] >= crit["limit"] if crit["op"] == ">=" else crit["value"] <= crit["limit"]), name
     assert m["all_pass"] == all(c["pass"] for c in m["criteria"].values())
     assert m["timings"]["total_s"] > 0
+
+
+def test_bench_serving_engine_stall_alone_starts_no_server(small_engine, tmp_path):
+    """The engine-side stall part: plain batch, then one penalties, n=2 and grammar request swapped
+    in, each with overlap on and off; step-time ratios to plain and the overlapped share."""
+    results = tmp_path / "results"
+    env = dict(os.environ, KILN_RESULTS_DIR=str(results), TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "kiln.launch.cli", "bench", "serving", "--engine", small_engine, "--smoke",
+           "--workloads", "engine_stall", "--stall-batch", "4", "--prompt-len", "16", "--stall-output-len", "8", "--no-plot"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, (p.stdout[-4000:], p.stderr[-4000:])
+    assert "kiln serve up" not in p.stdout
+    (path,) = glob.glob(str(results / "serving-cpu-*.json"))
+    m = json.load(open(path))["metrics"]
+    assert "server_checks" not in m and m["criteria"] == {}
+    es = m["engine_stall"]
+    assert es["batch"] == 4 and es["variants"] == ["penalties", "n2", "grammar"]
+    for mode, share in (("overlap", lambda x: x > 0.5), ("sync", lambda x: x == 0.0)):
+        rows = es[mode]
+        assert rows["async_scheduling"] == (mode == "overlap")
+        assert _positive(rows["plain"]["step_ms_p50"]) and share(rows["plain"]["overlapped_share"])
+        for v in es["variants"]:
+            r = rows[v]
+            assert "error" not in r, r
+            assert _positive(r["step_vs_plain"]) and r["steps_timed"] > 0 and share(r["overlapped_share"]), (mode, v, r)
+        assert rows["n2"]["special_tokens"] == [8, 8]
+        assert rows["grammar"]["special_tokens"] == [8] and rows["grammar"]["special_finish"] == ["length"]
