@@ -163,3 +163,24 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
     e = torch.empty_like(weights, dtype=torch.float32).exponential_(generator=generator)
     e.clamp_min_(torch.finfo(torch.float32).tiny)
     return int((weights.float() / e).argmax())
+
+
+def within_budget(wants: list[tuple[float | None, int]], budget: int | None, prior: float = 0.5) -> list[int]:
+    """How many proposals each sequence verifies this step when the step has room for only
+    ``budget`` of them (None: no limit): ``wants`` holds each sequence's running acceptance rate
+    (None: not measured yet, ``prior`` stands in) and the proposals it would make. The j-th
+    proposal of a sequence with rate a yields a ** j tokens on average, so the budget goes to the
+    largest of those first; a sequence keeps its first proposals (a proposal beyond one that
+    fell is never verified). Ties go to the earlier sequence."""
+    ks = [max(0, int(k)) for _, k in wants]
+    if budget is None or sum(ks) <= budget:
+        return ks
+    gains = []
+    for i, (rate, k) in enumerate(wants):
+        a = prior if rate is None else rate
+        gains += [(-(a ** (j + 1)), i, j) for j in range(max(0, int(k)))]
+    gains.sort()
+    out = [0] * len(wants)
+    for _, i, _ in gains[: max(0, budget)]:
+        out[i] += 1
+    return out
