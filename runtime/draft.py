@@ -134,7 +134,9 @@ class DraftProposer:
         self.sampler = Sampler(seed)
         self.eos_token_ids = tuple(target.tokenizer.eos_token_ids or target.model.eos_token_id)
         self.seqs: dict[int, _State] = {}
+        self._reserved = 0  # free blocks promised to proposals of sequences synced this step
         self.num_forwards = 0
+        self.num_unfit = 0  # proposals skipped because the sequence did not fit in the draft's cache
 
     # --- per-sequence state ------------------------------------------------------------------------
     def release(self, seq_id: int) -> None:
@@ -148,12 +150,15 @@ class DraftProposer:
             self.release(sid)
 
     def _sync(self, r: DraftRequest) -> int | None:
-        """Drops what the draft holds beyond the sequence's tokens, makes room for the catch-up and
-        for ``k - 1`` proposals; the first position to run, or None when the sequence does not fit."""
+        """Drops what the draft holds beyond the sequence's tokens and makes room for the catch-up
+        and for ``k - 1`` proposals (held back from the sequences synced after it); the first
+        position to run, or None when the sequence does not fit."""
         toks, bm = r.token_ids, self.block_manager
         if len(toks) + r.k > self.max_seq_len:
             self.release(r.seq_id)
             return None
+        blocks = lambda n: -(-n // bm.block_size)  # noqa: E731
+        later = blocks(len(toks) + r.k - 1) - blocks(len(toks))  # blocks the proposals will take
         st = self.seqs.get(r.seq_id)
         if st is not None:
             limit = min(len(st.tokens), len(toks) - 1)  # at least the last token runs: its logits are needed
@@ -168,17 +173,19 @@ class DraftProposer:
             else:
                 del st.tokens[c:]
                 bm.mark_computed(r.seq_id, c)
-                if not bm.can_append(r.seq_id, len(toks) - c + r.k - 1):
+                if blocks(len(toks) + r.k - 1) - blocks(c) > bm.num_free_blocks - self._reserved:
                     return None
                 bm.append_slots(r.seq_id, toks[c:])
                 st.tokens.extend(toks[c:])
+                self._reserved += later
                 return c
         if not bm.can_allocate(toks):
             return None
         c = bm.allocate(r.seq_id, toks)
-        if not bm.can_append(r.seq_id, r.k - 1):
+        if bm.num_free_blocks - self._reserved < later:
             bm.free(r.seq_id)
             return None
+        self._reserved += later
         gen = Sampler.make_generator(r.seed, self.device) if r.seed is not None and not r.params.greedy else None
         self.seqs[r.seq_id] = _State(list(toks), gen)
         return c
@@ -229,12 +236,15 @@ class DraftProposer:
         """Proposals for each sequence that fits: seq id -> (at most k tokens, their draft
         distributions [len, vocab] for a sampled request, None for a greedy one)."""
         live = []
+        self._reserved = 0
         for r in reqs:
             if r.k < 1:
                 continue
             c = self._sync(r)
             if c is not None:
                 live.append((r, c))
+            else:
+                self.num_unfit += 1
         if not live:
             return {}
         logits = self._run([(r.seq_id, c, r.token_ids[c:]) for r, c in live])

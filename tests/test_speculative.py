@@ -135,7 +135,8 @@ def test_bad_configs():
     for cfg, words in (({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
                        ({"method": "ngram", "num_speculative_tokens": 17}, "num_speculative_tokens"),
                        ({"method": "lookahead", "num_speculative_tokens": 2}, "method"),
-                       ({"method": "draft", "num_speculative_tokens": 2}, "not available"),
+                       ({"method": "eagle", "num_speculative_tokens": 2}, "not available"),
+                       ({"method": "draft", "num_speculative_tokens": 2}, "needs draft_engine"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "typo"),
                        ("ngram", "dict")):
