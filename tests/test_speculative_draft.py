@@ -131,6 +131,26 @@ def test_the_target_as_its_own_draft_is_always_right(small_engine):
     assert st["spec_proposed_tokens"] > 0 and st["spec_acceptance_rate"] == 1.0
 
 
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2)])
+def test_parallel_targets(layout, small_checkpoint, small_engine, draft_engine, tmp_path):
+    """A tp / pp target with a one-device draft on rank 0: greedy outputs equal the one-rank
+    target's. Sampled requests speculate where rank 0 verifies (tp without pp); with pipeline
+    stages the last stage verifies and they run as plain rows."""
+    from conftest import build_small
+
+    prompts = [list(range(40, 60)) * 3, [7, 8, 9, 10] * 12, list(range(500, 530)) + list(range(500, 510))]
+    sp = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(small_engine).generate(prompts, sp)]
+    par = build_small(small_checkpoint, str(tmp_path / "par"), max_seq_len=1024, **layout)
+    with LLM(par, speculative_config=spec(draft_engine)) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+        greedy = llm.stats()["spec_proposed_tokens"]
+        llm.generate(prompts, SamplingParams(max_tokens=20, temperature=1.0, seed=1, ignore_eos=True))
+        sampled = llm.stats()["spec_proposed_tokens"] - greedy
+    assert got == ref and greedy > 0
+    assert (sampled > 0) == ("pp" not in layout)
+
+
 # --- sampling: the target's distribution ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def peaked_pair(tmp_path_factory):
