@@ -131,7 +131,7 @@ class DraftProposer:
         kv = KVCache(len(ls.layers), nb, bs, ls.num_kv_heads, ls.head_dim, dtype, device)
         self.runner = ModelRunner(model, kv, max_num_tokens, max_batch_size)
         self.block_manager = BlockManager(nb, bs, enable_prefix_caching=True)
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(None if seed is None else draft_seed(seed))  # not the target's stream
         self.eos_token_ids = tuple(target.tokenizer.eos_token_ids or target.model.eos_token_id)
         self.seqs: dict[int, _State] = {}
         self._reserved = 0  # free blocks promised to proposals of sequences synced this step
@@ -277,17 +277,24 @@ class DraftProposer:
             rows.append(SampleRow(r.params, r.token_ids[: r.num_prompt], r.token_ids[r.num_prompt :] + drafts[r.seq_id],
                                   None, self.eos_token_ids))
         dist = self.sampler.distributions(logits, rows)
-        greedy_ids = dist.argmax(dim=-1).tolist()
-        toks, qs = [], []
+        toks = dist.argmax(dim=-1).tolist()  # greedy rows' proposals
+        qs: list[torch.Tensor | None] = [None] * len(active)
+        shared = []  # sampled rows without a seed: one draw for all of them
         for j, r in enumerate(active):
             if r.params.greedy:
-                toks.append(greedy_ids[j])
-                qs.append(None)
                 continue
-            st = self.seqs[r.seq_id]
-            gen = st.generator if st.generator is not None else self.sampler.shared_generator(dist.device)
-            toks.append(_draw(dist[j], gen))
-            qs.append(dist[j])
+            qs[j] = dist[j]
+            gen = self.seqs[r.seq_id].generator
+            if gen is None:
+                shared.append(j)
+            else:
+                toks[j] = _draw(dist[j], gen)
+        if shared:
+            w = dist.index_select(0, torch.tensor(shared, dtype=torch.long, device=dist.device))
+            e = torch.empty_like(w).exponential_(generator=self.sampler.shared_generator(dist.device))
+            e.clamp_min_(torch.finfo(torch.float32).tiny)
+            for j, t in zip(shared, (w / e).argmax(dim=-1).tolist()):
+                toks[j] = t
         return toks, qs
 
     def stats(self) -> dict:

@@ -179,9 +179,11 @@ DRAWS = 8000
 LIMITS = dict(max_batch_size=1024, max_num_tokens=4096)
 
 
-def seeded(top_p: float, run: int) -> list[SamplingParams]:
-    """DRAWS seeded requests; each run its own seeds, so that samples are independent."""
-    return [SamplingParams(max_tokens=4, temperature=1.0, top_p=top_p, ignore_eos=True, seed=i + run * DRAWS)
+def seeded(top_p: float, run: int, unseeded_odd: bool = False) -> list[SamplingParams]:
+    """DRAWS seeded requests; each run its own seeds, so that samples are independent. With
+    ``unseeded_odd`` every other request has no seed (it draws from the engine's generators)."""
+    return [SamplingParams(max_tokens=4, temperature=1.0, top_p=top_p, ignore_eos=True,
+                           seed=None if unseeded_odd and i % 2 else i + run * DRAWS)
             for i in range(DRAWS)]
 
 
@@ -200,15 +202,15 @@ def baseline(peaked_pair):
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_sampling_keeps_the_target_distribution(peaked_pair, baseline, top_p):
-    """The first three generated tokens over 8,000 seeded draws at temperature 1, with and
-    without the draft: one distribution (chi-square homogeneity, p > 0.01). The second and third
+    """The first three generated tokens over 8,000 draws at temperature 1, with and without the
+    draft (half of the requests seeded, half drawing from the engine's seeded generators): one distribution (chi-square homogeneity, p > 0.01). The second and third
     tokens come from verification against the draft's distributions (first proposal standing or
     falling, second proposal standing or falling). A one-token prompt keeps every prefill and
     catch-up row on the batched decode path, which is what keeps this fast on a CPU;
     ``test_a_broken_verifier_is_caught`` shows the sample is large enough."""
     target, draft = peaked_pair
-    llm = LLM(target, speculative_config=spec(draft, 2), **LIMITS)
-    got = first_three(llm, [3], seeded(top_p, 1))
+    llm = LLM(target, speculative_config=spec(draft, 2), seed=7, **LIMITS)
+    got = first_three(llm, [3], seeded(top_p, 1, unseeded_odd=True))
     st = llm.stats()
     p, dof = homogeneity_p(baseline(top_p), got)
     print(f"top_p={top_p}: p={p:.3f} dof={dof} proposed={st['spec_proposed_tokens']} accepted={st['spec_accepted_tokens']}")
@@ -249,18 +251,21 @@ def test_draft_distributions_follow_the_request(peaked_pair):
     dp = engine.draft
     sampled = SamplingParams(temperature=0.7, top_k=5, max_tokens=8)
     greedy = SamplingParams(temperature=0.0, max_tokens=8)
-    got = dp.propose([DraftRequest(1, [3, 17, 5], 3, 3, sampled, 11), DraftRequest(2, [3, 17, 5], 3, 3, greedy)])
-    toks, q = got[1]
-    assert len(toks) == 3 and q.shape == (3, 256)
-    for t, row in zip(toks, q):
-        assert (row > 0).sum() <= 5 and float(row.sum()) == pytest.approx(1.0) and row[t] > 0
+    got = dp.propose([DraftRequest(1, [3, 17, 5], 3, 3, sampled, 11), DraftRequest(2, [3, 17, 5], 3, 3, greedy),
+                      DraftRequest(3, [3, 17, 5], 3, 2, sampled)])
+    for sid, k in ((1, 3), (3, 2)):  # seeded, and drawing from the proposer's own generator
+        toks, q = got[sid]
+        assert len(toks) == k and q.shape == (k, 256)
+        for t, row in zip(toks, q):
+            assert (row > 0).sum() <= 5 and float(row.sum()) == pytest.approx(1.0) and row[t] > 0
     toks, q = got[2]
     assert q is None
     alone = LLM(draft).generate([[3, 17, 5]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     assert toks == alone[0].outputs[0].token_ids  # the draft's own greedy continuation
     assert dp.block_manager.num_used_blocks > 0
-    dp.release(1)
-    dp.release(2)
+    dp.retain({3})
+    assert set(dp.seqs) == {3}
+    dp.release(3)
     assert dp.block_manager.num_used_blocks == 0 and not dp.seqs
 
 
