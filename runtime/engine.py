@@ -196,6 +196,8 @@ class LLMEngine:
         if self.spec is not None:
             self._propose()
         plan = self.scheduler.schedule()
+        if self.draft is not None:  # sequences preempted just now give their draft KV back too
+            self.draft.retain({s.seq_id for s in self.scheduler.running})
         for seq, msg in self.scheduler.failed:
             req = seq.request
             req.error = msg

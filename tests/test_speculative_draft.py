@@ -89,6 +89,14 @@ def test_greedy_equals_the_target_alone(name, kwargs, small_engine, draft_engine
     rows that do not speculate) arriving over time."""
     workload = make_workload(seed=1, count=64, max_prompt=160, max_out=32, shared_prefix=64)
     engine = LLMEngine(small_engine, speculative_config=spec(draft_engine), **kwargs)
+    step = engine.step
+
+    def checked_step():
+        out = step()
+        # only running sequences hold draft KV: finished, aborted and preempted ones gave it back
+        assert set(engine.draft.seqs) <= {s.seq_id for s in engine.scheduler.running}
+        return out
+    engine.step = checked_step
     outputs = run_over_time(engine, workload)
     ties = assert_equal_solo(outputs, workload, solo)
     st = engine.stats()
@@ -253,6 +261,7 @@ def test_draft_distributions_follow_the_request(peaked_pair):
     greedy = SamplingParams(temperature=0.0, max_tokens=8)
     got = dp.propose([DraftRequest(1, [3, 17, 5], 3, 3, sampled, 11), DraftRequest(2, [3, 17, 5], 3, 3, greedy),
                       DraftRequest(3, [3, 17, 5], 3, 2, sampled)])
+    assert dp.num_forwards == 3  # the catch-up and two more positions, for all three sequences at once
     for sid, k in ((1, 3), (3, 2)):  # seeded, and drawing from the proposer's own generator
         toks, q = got[sid]
         assert len(toks) == k and q.shape == (k, 256)
