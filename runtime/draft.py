@@ -90,6 +90,7 @@ class DraftRequest:
 class _State:
     tokens: list[int]                   # tokens whose KV the draft holds, in order
     generator: torch.Generator | None   # seeded sampled requests: the draft's draws
+    verified: int = 0                   # leading tokens known to be the sequence's own
 
 
 class DraftProposer:
@@ -162,7 +163,7 @@ class DraftProposer:
         st = self.seqs.get(r.seq_id)
         if st is not None:
             limit = min(len(st.tokens), len(toks) - 1)  # at least the last token runs: its logits are needed
-            c = 0
+            c = min(st.verified, limit)  # the sequence's tokens never change: compare only the newer ones
             while c < limit and st.tokens[c] == toks[c]:
                 c += 1
             try:
@@ -172,6 +173,7 @@ class DraftProposer:
                 st = None
             else:
                 del st.tokens[c:]
+                st.verified = c
                 bm.mark_computed(r.seq_id, c)
                 if blocks(len(toks) + r.k - 1) - blocks(c) > bm.num_free_blocks - self._reserved:
                     return None
@@ -187,7 +189,7 @@ class DraftProposer:
             return None
         self._reserved += later
         gen = Sampler.make_generator(r.seed, self.device) if r.seed is not None and not r.params.greedy else None
-        self.seqs[r.seq_id] = _State(list(toks), gen)
+        self.seqs[r.seq_id] = _State(list(toks), gen, len(toks))
         return c
 
     # --- forward passes ----------------------------------------------------------------------------
