@@ -211,10 +211,11 @@ def baseline(peaked_pair):
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_sampling_keeps_the_target_distribution(peaked_pair, baseline, top_p):
     """The first three generated tokens over 8,000 draws at temperature 1, with and without the
-    draft (half of the requests seeded, half drawing from the engine's seeded generators): one distribution (chi-square homogeneity, p > 0.01). The second and third
-    tokens come from verification against the draft's distributions (first proposal standing or
-    falling, second proposal standing or falling). A one-token prompt keeps every prefill and
-    catch-up row on the batched decode path, which is what keeps this fast on a CPU;
+    draft (half of the requests seeded, half drawing from the engine's seeded generators): one
+    distribution (chi-square homogeneity, p > 0.01). The second and third tokens come from
+    verification against the draft's distributions (first proposal standing or falling, second
+    proposal standing or falling). A one-token prompt puts the prefills and the draft's first
+    catch-up on the batched one-token path of the CPU attention, which keeps this fast;
     ``test_a_broken_verifier_is_caught`` shows the sample is large enough."""
     target, draft = peaked_pair
     llm = LLM(target, speculative_config=spec(draft, 2), seed=7, **LIMITS)
