@@ -279,6 +279,29 @@ def test_draft_distributions_follow_the_request(peaked_pair):
     assert dp.block_manager.num_used_blocks == 0 and not dp.seqs
 
 
+def test_draft_catch_up_in_passes_and_its_context_length(peaked_pair):
+    """A catch-up longer than max_num_tokens runs in several passes with the same proposals; a
+    sequence that would run past the draft's context length proposes nothing."""
+    from kiln.runtime.draft import DraftRequest
+
+    target, draft = peaked_pair
+    dp = LLMEngine(target, speculative_config=spec(draft, 3)).draft
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(10 + 3 * i)] for i in range(3)]
+    reqs = [DraftRequest(i, p, len(p), 3, greedy) for i, p in enumerate(prompts)]
+    whole = dp.propose(reqs)
+    for i in range(3):
+        dp.release(i)
+    dp.block_manager.reset_prefix_cache()
+    before = dp.num_forwards
+    dp.runner.max_num_tokens = 8  # 10 + 13 + 16 catch-up rows: five passes of at most 8
+    cut = dp.propose(reqs)
+    assert cut == whole and dp.num_forwards - before == 5 + 2
+    dp.runner.max_num_tokens = 4096
+    long = [5] * (dp.max_seq_len - 2)
+    assert dp.propose([DraftRequest(9, long, len(long), 3, greedy)]) == {} and 9 not in dp.seqs
+
+
 # --- bad input ------------------------------------------------------------------------------------
 def test_config_names():
     c = parse_config({"method": "draft", "num_speculative_tokens": 2, "model": "engines/d"})
