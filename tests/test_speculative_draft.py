@@ -132,7 +132,9 @@ def test_the_target_as_its_own_draft_is_always_right(small_engine):
     sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     prompts = [p for _, p, _ in workload]
     ref = [o.outputs[0].token_ids for o in LLM(small_engine).generate(prompts, sp)]
-    llm = LLM(small_engine, speculative_config=spec(small_engine, 4))
+    # "model" is vLLM's name for the draft: it takes effect like draft_engine
+    llm = LLM(small_engine, speculative_config={"method": "draft", "num_speculative_tokens": 4, "model": small_engine})
+    assert llm.engine.draft is not None
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
     st = llm.stats()
     assert got == ref
