@@ -21,6 +21,16 @@ from test_batching import TIE, make_workload
 SPEC = {"method": "ngram", "num_speculative_tokens": 4}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Thousands of small per-sequence attention calls: one intra-op thread is far faster than
+    several fighting over a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def chi2_sf(stat: float, dof: int) -> float:
     """P(X >= stat) for X ~ chi-square with ``dof`` degrees of freedom."""
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))

@@ -24,16 +24,7 @@ from kiln.runtime.safetensors_stream import sha256_file
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.speculative import parse_config
 from test_batching import make_workload
-from test_speculative import Solo, assert_equal_solo, homogeneity_p, run_over_time
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many small per-sequence attention calls: one intra-op thread is far faster on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_speculative import Solo, assert_equal_solo, homogeneity_p, one_thread, run_over_time  # noqa: F401
 
 
 def first_layers(folder: str, out: str, num_layers: int) -> str:
