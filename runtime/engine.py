@@ -79,7 +79,16 @@ class LLMEngine:
         self._seqs_by_id: dict[int, Sequence] = {}
         self._grammars = None
         self.spec = parse_config(speculative_config)
-        self.proposer = NgramProposer(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min) if self.spec else None
+        self.proposer = self.draft = None
+        self._q_sink = None  # the runner that verifies on this process (draft distributions go to it)
+        if self.spec is not None and self.spec.method == "draft":
+            try:
+                self._load_draft(seed)
+            except BaseException:
+                self.shutdown()
+                raise
+        elif self.spec is not None:
+            self.proposer = NgramProposer(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min)
         self.proposal_length = ProposalLength(self.spec.num_speculative_tokens, self.spec.min_acceptance) if self.spec else None
         self.spec_proposed = self.spec_accepted = 0
         # Overlapped scheduling: step N+1 is planned and launched before step N's tokens are read
@@ -195,6 +204,8 @@ class LLMEngine:
         if self.spec is not None:
             self._propose()
         plan = self.scheduler.schedule()
+        if self.draft is not None:  # sequences preempted just now give their draft KV back too
+            self.draft.retain({s.seq_id for s in self.scheduler.running})
         for seq, msg in self.scheduler.failed:
             req = seq.request
             req.error = msg
@@ -321,10 +332,30 @@ class LLMEngine:
             req.forked = True
 
     # --- speculative decoding --------------------------------------------------------------------
+    def _load_draft(self, seed) -> None:
+        """The draft-model proposer, on the device of the runner in this process."""
+        from kiln.runtime.draft import DraftProposer
+
+        runner = getattr(self.executor, "runner", None)
+        if runner is None:
+            raise ValueError("speculative method 'draft' needs the target's runner in this process "
+                             "(launcher local or torchrun)")
+        ld = self.loaded
+        self.draft = DraftProposer(
+            self.spec.draft_engine, ld.config, ld.tokenizer, runner.device,
+            num_tokens=ld.num_kv_blocks * ld.config.build.tokens_per_block, max_num_tokens=ld.max_num_tokens,
+            max_batch_size=ld.max_batch_size, seed=seed,
+        )
+        # Sampled requests need their draft distributions where verification runs: the runner here
+        # when it samples (one rank, or tensor parallel without pipeline stages); else only greedy
+        # requests speculate.
+        self._q_sink = runner if runner.samples else None
+
     def _propose(self) -> None:
         """Proposals for each running sequence that decodes next step (the scheduler takes them).
         Not for n > 1, grammars, logprobs or ``SamplingParams(speculative=False)``; never past
         max_tokens or the context length."""
+        wanted: list[tuple[Sequence, int]] = []
         for seq in self.scheduler.running:
             seq.draft = None  # one left by a step that did not schedule the sequence is stale
             if seq.sent_table is None or seq.uncomputed != 1 or seq.num_pending:
@@ -332,13 +363,45 @@ class LLMEngine:
             p = seq.request.params
             if p.n > 1 or seq.grammar is not None or p.logprobs is not None or not p.speculative:
                 continue
+            if self.draft is not None and not p.greedy and self._q_sink is None:
+                continue
             left = self.max_seq_len - len(seq.token_ids)
             if p.max_tokens is not None:
                 left = min(left, p.max_tokens - seq.num_output)
             k = min(self.proposal_length.k(seq.spec_rate, seq.spec_idle), left - 1)
-            if k > 0:
-                seq.draft = self.proposer.propose(seq.token_ids, k) or None
+            wanted.append((seq, k))
+        if self.draft is None:
+            for seq, k in wanted:
+                if k > 0:
+                    seq.draft = self.proposer.propose(seq.token_ids, k) or None
+        else:
+            self._propose_draft(wanted)
+        for seq, _ in wanted:
             seq.spec_idle = 0 if seq.draft else seq.spec_idle + 1
+
+    def _propose_draft(self, wanted) -> None:
+        """The draft model's proposals for all speculating sequences at once; the distributions of
+        sampled ones go to the verifying runner with the step."""
+        from kiln.runtime.draft import DraftRequest, draft_seed
+
+        # Draft KV of sequences no longer running (finished, aborted, preempted) goes first.
+        self.draft.retain({s.seq_id for s in self.scheduler.running if s.sent_table is not None})
+        reqs = []
+        for seq, k in wanted:
+            if k > 0:
+                p = seq.request.params
+                seed = None if p.seed is None else draft_seed(p.seed + seq.index)
+                reqs.append(DraftRequest(seq.seq_id, seq.token_ids, seq.num_prompt, k, p, seed))
+        got = self.draft.propose(reqs) if reqs else {}
+        qs = {}
+        for seq, _ in wanted:
+            d = got.get(seq.seq_id)
+            if d:
+                seq.draft = d[0]
+                if d[1] is not None:
+                    qs[seq.seq_id] = d[1]
+        if self._q_sink is not None:
+            self._q_sink.next_draft_probs = qs
 
     def _rollback(self, result: StepResult) -> None:
         """After a speculative step: each such sequence keeps the KV of its last token and of the
@@ -445,6 +508,8 @@ class LLMEngine:
     def _finish_request(self, req: Request) -> None:
         for s in req.seqs:
             self._seqs_by_id.pop(s.seq_id, None)
+            if self.draft is not None:
+                self.draft.release(s.seq_id)
         req.finish_time = time.monotonic()
         self._changed[req.request_id] = req
         self.requests.pop(req.request_id, None)
@@ -499,4 +564,6 @@ class LLMEngine:
             s["spec_proposed_tokens"] = self.spec_proposed
             s["spec_accepted_tokens"] = self.spec_accepted
             s["spec_acceptance_rate"] = self.spec_accepted / self.spec_proposed if self.spec_proposed else 0.0
+            if self.draft is not None:
+                s.update(self.draft.stats())
         return s

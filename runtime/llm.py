@@ -20,7 +20,8 @@ class LLM:
     the engine's defaults; ``scheduler_policy`` is "guaranteed_no_evict" (admit only what can
     finish without preemption) or "max_utilization"; ``speculative_config`` turns on speculative
     decoding (``kiln.runtime.speculative.SpeculativeConfig``, e.g. ``{"method": "ngram",
-    "num_speculative_tokens": 4}``).
+    "num_speculative_tokens": 4}`` or ``{"method": "draft", "draft_engine": "engines/draft",
+    "num_speculative_tokens": 3}``).
     """
 
     def __init__(

@@ -62,6 +62,10 @@ class ModelRunner:
         self.last_step_seqs = 0
         self.seqs: dict[int, SeqState] = {}
         self._drafts: dict[int, tuple[int, list[int]]] = {}  # seq id -> (tokens before the proposals, proposals)
+        # Draft-model proposals of sampled requests: the distributions they were drawn from, set by
+        # the coordinator in this process before the step ([proposals, vocab] per seq id).
+        self.next_draft_probs: dict[int, torch.Tensor] = {}
+        self._draft_probs: dict[int, torch.Tensor] = {}
         self._prev_tokens: torch.Tensor | None = None  # the last launched step's sampled tokens (device)
         self._prev_rows: dict[int, tuple[int, int]] = {}  # seq id -> (row in _prev_tokens, position)
         self._fix = None
@@ -88,6 +92,8 @@ class ModelRunner:
             self.seqs[child] = SeqState(list(p.token_ids), p.num_prompt, p.num_computed, list(p.block_table), p.params, gen)
             self._fork_parent[child] = parent
         self._drafts = {}
+        probs, self.next_draft_probs = self.next_draft_probs, {}
+        self._draft_probs = {}
         for c in plan.cached:
             st = self.seqs[c.seq_id]
             st.token_ids.extend(c.new_token_ids)
@@ -95,6 +101,9 @@ class ModelRunner:
                 st.num_computed = c.num_computed
             if c.draft_token_ids:
                 self._drafts[c.seq_id] = (len(st.token_ids), list(c.draft_token_ids))
+                q = probs.get(c.seq_id)
+                if q is not None:  # the scheduler may have cut the proposals short
+                    self._draft_probs[c.seq_id] = q[: len(c.draft_token_ids)]
                 st.token_ids.extend(c.draft_token_ids)
             del st.block_table[c.block_start :]
             st.block_table.extend(c.new_blocks)
@@ -310,7 +319,9 @@ class ModelRunner:
             first, _, n = self._chunks[sid]
             rows.extend(range(first, first + n))
         logits = self.model.compute_logits(hidden.index_select(0, h2d(rows, torch.long, self.device)))
-        return (order, [self._drafts[sid][1] for sid in order], logits) if self.samples else None
+        if not self.samples:
+            return None
+        return order, [self._drafts[sid][1] for sid in order], logits, [self._draft_probs.get(sid) for sid in order]
 
     def _drop_drafts(self) -> None:
         """Proposals live for one step: the sequences lose them once the forward pass has run."""
@@ -319,8 +330,9 @@ class ModelRunner:
 
     def _finish_verify(self, spec) -> list[SampledToken]:
         """Each speculating sequence's tokens this step: the proposals that stand, then the
-        target's next token (``speculative.verify`` on the distributions the sampler draws from)."""
-        order, drafts, logits = spec
+        target's next token (``speculative.verify`` on the distributions the sampler draws from,
+        against the draft model's distributions where it proposed for a sampled request)."""
+        order, drafts, logits, qs = spec
         rows = []
         for sid, draft in zip(order, drafts):
             st = self.seqs[sid]
@@ -329,11 +341,11 @@ class ModelRunner:
                         for j in range(len(draft) + 1))
         dist = self.sampler.distributions(logits, rows)
         out, r = [], 0
-        for sid, draft in zip(order, drafts):
+        for sid, draft, q in zip(order, drafts, qs):
             st = self.seqs[sid]
             k = len(draft)
             gen = st.generator if st.generator is not None else self.sampler.shared_generator(dist.device)
-            a, nxt = verify(dist[r : r + k + 1], draft, st.params.greedy, gen)
+            a, nxt = verify(dist[r : r + k + 1], draft, st.params.greedy, gen, q)
             r += k + 1
             out.extend(SampledToken(sid, t) for t in (*draft[:a], nxt))
         return out

@@ -5,6 +5,8 @@ all of them in one forward pass, and the tokens it would have produced itself ar
 * A proposer has one method, ``propose(token_ids, k) -> list[int]``: at most ``k`` guesses of the
   tokens that follow ``token_ids``. ``NgramProposer`` (prompt lookup) needs no model: it finds the
   latest earlier occurrence of the sequence's last n tokens and proposes what followed it.
+  ``DraftProposer`` (``runtime/draft.py``) runs a smaller engine over all speculating sequences at
+  once and also returns the distributions its proposals were drawn from.
 * ``ProposalLength`` decides how many tokens each sequence proposes from its running acceptance.
 * ``verify`` decides, from the target's distribution at each of the ``k + 1`` positions, how many
   proposals stand and which token comes after them (the correction or the bonus token). Greedy
@@ -24,27 +26,43 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_SPECULATIVE_TOKENS = 16
 
 
 class SpeculativeConfig(BaseModel):
     """How the engine speculates. ``method``: "ngram" (prompt lookup: proposals copied from earlier
-    in the sequence); ``num_speculative_tokens``: proposals per step and sequence at most;
+    in the sequence) or "draft" (a smaller model proposes: ``draft_engine`` is a kiln engine
+    directory built like any other, with the target's tokenizer; ``model`` is accepted as another
+    name for it, as vLLM users write it); ``num_speculative_tokens``: proposals per step and sequence at most;
     ``prompt_lookup_max`` / ``prompt_lookup_min``: the longest and shortest trailing n-gram looked
     up (the longest that matches wins); ``min_acceptance``: see ``ProposalLength`` (0 proposes
     ``num_speculative_tokens`` whenever lookup finds them)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["ngram"] = Field(description="the proposer")
+    method: Literal["ngram", "draft"] = Field(description="the proposer")
+    draft_engine: str | None = Field(None, description='method "draft": the draft model\'s engine directory')
+    model: str | None = Field(None, description="another name for draft_engine")
     num_speculative_tokens: int = Field(ge=1, le=MAX_SPECULATIVE_TOKENS, description="proposals per step at most")
     prompt_lookup_max: int = Field(4, ge=1, le=64, description="longest trailing n-gram looked up")
     prompt_lookup_min: int = Field(1, ge=1, le=64, description="shortest trailing n-gram looked up")
     min_acceptance: float = Field(
         0.02, ge=0.0, lt=1.0,
         description="propose the j-th token only while the sequence's acceptance rate to the power j is at least this")
+
+    @model_validator(mode="after")
+    def _draft_engine(self) -> "SpeculativeConfig":
+        if self.model is not None:
+            if self.draft_engine is not None and self.draft_engine != self.model:
+                raise ValueError("give the draft engine once: draft_engine and model name different directories")
+            self.draft_engine, self.model = self.model, None
+        if self.method == "draft" and not self.draft_engine:
+            raise ValueError('method "draft" needs draft_engine: the draft model\'s engine directory')
+        if self.method != "draft" and self.draft_engine is not None:
+            raise ValueError(f'draft_engine is only for method "draft", not {self.method!r}')
+        return self
 
 
 class ProposalLength:
@@ -74,7 +92,7 @@ class ProposalLength:
         return (1 - self.decay) * (self.prior if rate is None else rate) + self.decay * accepted / proposed
 
 
-UNBUILT = ("draft", "eagle", "medusa")
+UNBUILT = ("eagle", "medusa")
 """Methods vLLM users name that kiln does not run yet: refused with one line, never ignored."""
 
 
@@ -87,14 +105,15 @@ def parse_config(cfg: dict | SpeculativeConfig | None) -> SpeculativeConfig | No
         raise ValueError(f"speculative_config must be a dict, got {type(cfg).__name__}")
     method = cfg.get("method")
     if method in UNBUILT:
-        raise ValueError(f"speculative method {method!r} is not available in this version: use 'ngram'")
+        raise ValueError(f"speculative method {method!r} is not available in this version: use 'ngram' or 'draft'")
     try:
         out = SpeculativeConfig(**cfg)
     except Exception as e:  # pydantic's ValidationError: its first error, on one line
         errs = getattr(e, "errors", lambda: [])()
         if errs:
             loc = ".".join(str(x) for x in errs[0].get("loc", ()))
-            raise ValueError(f"speculative_config.{loc}: {errs[0].get('msg')}") from None
+            msg = errs[0].get("msg", "").removeprefix("Value error, ")
+            raise ValueError(f"speculative_config.{loc}: {msg}" if loc else f"speculative_config: {msg}") from None
         raise ValueError(f"speculative_config: {e}") from None
     if out.prompt_lookup_min > out.prompt_lookup_max:
         raise ValueError("speculative_config.prompt_lookup_min must not exceed prompt_lookup_max")

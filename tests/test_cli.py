@@ -127,6 +127,11 @@ def test_refuses_out_of_range_generate_flags(tiny_engine):
 def test_refuses_speculative_flags_it_cannot_run(tiny_engine):
     assert_refused(kiln("serve", tiny_engine, "--speculative", "eagle"), "--speculative eagle")
     assert_refused(kiln("serve", tiny_engine, "--draft-engine", tiny_engine), "--draft-engine")
+    assert_refused(kiln("serve", tiny_engine, "--speculative", "draft-target"), "--draft-engine")
+    assert_refused(kiln("serve", tiny_engine, "--speculative", "draft-target", "--draft-engine", tiny_engine + "-nope"),
+                   "--draft-engine", "does not exist")
+    assert_refused(kiln("serve", tiny_engine, "--launcher", "ray", "--topology", "cluster_configs/local-cpu.yaml",
+                        "--speculative", "draft-target", "--draft-engine", tiny_engine), "--launcher local or torchrun")
     assert_refused(kiln("serve", tiny_engine, "--speculative", "ngram", "--num-speculative-tokens", "0"),
                    "--num-speculative-tokens")
     assert_refused(kiln("serve", tiny_engine, "--num-speculative-tokens", "3"), "--speculative ngram")

@@ -21,6 +21,16 @@ from test_batching import TIE, make_workload
 SPEC = {"method": "ngram", "num_speculative_tokens": 4}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Thousands of small per-sequence attention calls: one intra-op thread is far faster than
+    several fighting over a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def chi2_sf(stat: float, dof: int) -> float:
     """P(X >= stat) for X ~ chi-square with ``dof`` degrees of freedom."""
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
@@ -135,7 +145,8 @@ def test_bad_configs():
     for cfg, words in (({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
                        ({"method": "ngram", "num_speculative_tokens": 17}, "num_speculative_tokens"),
                        ({"method": "lookahead", "num_speculative_tokens": 2}, "method"),
-                       ({"method": "draft", "num_speculative_tokens": 2}, "not available"),
+                       ({"method": "eagle", "num_speculative_tokens": 2}, "not available"),
+                       ({"method": "draft", "num_speculative_tokens": 2}, "needs draft_engine"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "typo"),
                        ("ngram", "dict")):
