@@ -40,6 +40,7 @@ _ENGINE_COUNTERS = (
     ("kiln_engine_busy_seconds", "seconds the engine core spent in steps", "core_busy_s"),
     ("kiln_spec_proposed_tokens", "speculative tokens proposed", "spec_proposed_tokens"),
     ("kiln_spec_accepted_tokens", "speculative tokens that stood", "spec_accepted_tokens"),
+    ("kiln_spec_budget_cut_tokens", "speculative proposals the step token budget left out", "spec_budget_cut_tokens"),
 )
 
 

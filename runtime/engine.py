@@ -18,8 +18,8 @@ from kiln.runtime.plan import CachedSeq, StepResult
 from kiln.runtime.prompt_logprobs import add_prompt_logprobs
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
-from kiln.runtime.sequence import Request, Sequence, SeqStatus
-from kiln.runtime.speculative import NgramProposer, ProposalLength, parse_config
+from kiln.runtime.sequence import Request, Sequence
+from kiln.runtime.speculative import GPU_STEP_TOKEN_BUDGET, NgramProposer, ProposalLength, parse_config, within_budget
 
 
 def _no_text(token_ids) -> None:
@@ -91,6 +91,12 @@ class LLMEngine:
             self.proposer = NgramProposer(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min)
         self.proposal_length = ProposalLength(self.spec.num_speculative_tokens, self.spec.min_acceptance) if self.spec else None
         self.spec_proposed = self.spec_accepted = 0
+        self.spec_cut = 0  # proposals the step budget did not make room for
+        self._step_budget = None
+        if self.spec is not None:
+            runner = getattr(self.executor, "runner", None)
+            on_gpu = getattr(getattr(runner, "device", None), "type", None) == "cuda" or ld.config.device_class == "cuda"
+            self._step_budget = self.spec.step_token_budget or (GPU_STEP_TOKEN_BUDGET if on_gpu else None)
         # Overlapped scheduling: step N+1 is planned and launched before step N's tokens are read
         # back, so the host's work (scheduling, input preparation, detokenization) runs while the
         # device computes. Needs an executor that can launch without waiting; on by default on a GPU.
@@ -370,6 +376,12 @@ class LLMEngine:
                 left = min(left, p.max_tokens - seq.num_output)
             k = min(self.proposal_length.k(seq.spec_rate, seq.spec_idle), left - 1)
             wanted.append((seq, k))
+        if self._step_budget is not None and wanted:
+            # the decode rows of this step come first; proposals share what is left
+            room = self._step_budget - len(self.scheduler.running)
+            ks = within_budget([(seq.spec_rate, k) for seq, k in wanted], max(0, room), self.proposal_length.prior)
+            self.spec_cut += sum(max(0, k) for _, k in wanted) - sum(ks)
+            wanted = [(seq, k) for (seq, _), k in zip(wanted, ks)]
         if self.draft is None:
             for seq, k in wanted:
                 if k > 0:
@@ -564,6 +576,8 @@ class LLMEngine:
             s["spec_proposed_tokens"] = self.spec_proposed
             s["spec_accepted_tokens"] = self.spec_accepted
             s["spec_acceptance_rate"] = self.spec_accepted / self.spec_proposed if self.spec_proposed else 0.0
+            s["spec_budget_cut_tokens"] = self.spec_cut
+            s["spec_step_token_budget"] = self._step_budget
             if self.draft is not None:
                 s.update(self.draft.stats())
         return s

@@ -30,6 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_SPECULATIVE_TOKENS = 16
 
+GPU_STEP_TOKEN_BUDGET = 256
+"""The default ``step_token_budget`` on a GPU. A decode step of an 8B-class model on a Hopper GPU
+reads every weight once whatever its row count up to roughly the GPU's FLOP-to-byte ratio
+(about 990 TFLOP/s over 4.8 TB/s for 16-bit weights: ~200 rows), so proposals verified below
+that cost little; above it each row adds compute, and a proposal that falls is throughput lost
+(at batch 256 no proposal is verified). A CPU is bound by arithmetic at any row count: no default
+limit there, where tests exercise speculation at every batch size."""
+
 
 class SpeculativeConfig(BaseModel):
     """How the engine speculates. ``method``: "ngram" (prompt lookup: proposals copied from earlier
@@ -38,7 +46,8 @@ class SpeculativeConfig(BaseModel):
     name for it, as vLLM users write it); ``num_speculative_tokens``: proposals per step and sequence at most;
     ``prompt_lookup_max`` / ``prompt_lookup_min``: the longest and shortest trailing n-gram looked
     up (the longest that matches wins); ``min_acceptance``: see ``ProposalLength`` (0 proposes
-    ``num_speculative_tokens`` whenever lookup finds them)."""
+    ``num_speculative_tokens`` whenever lookup finds them); ``step_token_budget``: see
+    ``within_budget`` and ``GPU_STEP_TOKEN_BUDGET``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +60,10 @@ class SpeculativeConfig(BaseModel):
     min_acceptance: float = Field(
         0.02, ge=0.0, lt=1.0,
         description="propose the j-th token only while the sequence's acceptance rate to the power j is at least this")
+    step_token_budget: int | None = Field(
+        None, ge=1, le=1 << 20,
+        description="the most tokens a verifying step holds (decode rows plus proposals); proposals past it are "
+                    "cut, lowest expected yield first (default: 256 on a GPU, no limit on a CPU)")
 
     @model_validator(mode="after")
     def _draft_engine(self) -> "SpeculativeConfig":

@@ -35,3 +35,26 @@ def test_a_sequence_keeps_a_prefix_of_its_proposals():
     sequence, each keeping its first proposals, never a later one without an earlier one."""
     got = within_budget([(1.0, 3), (1.0, 3), (1.0, 3)], 4)
     assert got == [3, 1, 0] and sum(got) == 4
+
+
+def test_step_budget_cuts_proposals_and_keeps_outputs(small_engine):
+    """Eight speculating sequences: with no budget every proposal is verified; a budget of 12
+    tokens a step leaves room for 4 proposals beside the 8 decode rows; a budget of 8 leaves none.
+    The outputs stay the target's in each case, and the cuts are counted."""
+    from kiln.runtime.llm import LLM
+    from kiln.runtime.sampling_params import SamplingParams
+
+    prompts = [list(range(100 + 7 * i, 130 + 7 * i)) * 3 for i in range(8)]
+    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(small_engine).generate(prompts, sp)]
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "min_acceptance": 0.0}
+    stats = {}
+    for budget in (None, 12, 8):
+        llm = LLM(small_engine, speculative_config={**spec, "step_token_budget": budget})
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp)] == ref
+        stats[budget] = llm.stats()
+        assert stats[budget]["spec_step_token_budget"] == budget  # a CPU engine has no default limit
+    assert stats[None]["spec_budget_cut_tokens"] == 0 and stats[None]["spec_proposed_tokens"] > 0
+    assert 0 < stats[12]["spec_proposed_tokens"] < stats[None]["spec_proposed_tokens"]
+    assert stats[12]["spec_budget_cut_tokens"] > 0
+    assert stats[8]["spec_proposed_tokens"] == 0 and stats[8]["spec_budget_cut_tokens"] > 0
