@@ -26,7 +26,7 @@ import kiln
 from kiln.parallel.mapping import Mapping
 from kiln.parallel.partition import ReadOnce, rank_slice
 from kiln.runtime.checkpoint import CheckpointReader, RandomReader, open_checkpoint
-from kiln.runtime.config import BuildConfig, EngineConfig, LinearQuant, ModelConfig, QuantizationInfo
+from kiln.runtime.config import BuildConfig, EngineConfig, LinearQuant, ModelConfig
 from kiln.runtime.model import DecoderModel
 from kiln.runtime.quantize import QuantizationError, linear_quant_for, prepare_source
 from kiln.runtime.safetensors_stream import StreamingSafetensorsWriter, sha256_file

@@ -20,7 +20,7 @@ import bisect
 
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.plan import CachedSeq, NewSeq, StepPlan
-from kiln.runtime.sequence import Request, Sequence, SeqStatus
+from kiln.runtime.sequence import Sequence, SeqStatus
 
 
 class Scheduler:
