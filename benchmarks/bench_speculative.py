@@ -9,7 +9,11 @@ n-gram prompt lookup, on one device:
     ``--osl``, ignore_eos) at each batch of ``--batches``: output tokens/s both ways and their
     ratio (random weights rarely repeat themselves: this is the cost of proposals that fall);
 (c) ``verify``: the wall time of one decode step of ``--model`` at batch 1 and 64 when every
-    sequence verifies K = 1, 2, 4, 8 proposals, against a plain decode step.
+    sequence verifies K = 1, 2, 4, 8 proposals, against a plain decode step;
+(d) ``draft``: the grounded requests again with a draft model proposing: the built-in model as
+    target and its own first ``--draft-layers`` decoder layers as draft (each count given) (``kiln build
+    --num-layers``: the same vocabulary and tokenizer, a fraction of the layers' cost per token,
+    and no training needed), against the target alone.
 
     python benchmarks/bench_speculative.py --parts grounded,load,verify --model llama-3-8b --device cuda
     python benchmarks/bench_speculative.py --smoke      # small sizes on a CPU
@@ -53,13 +57,17 @@ def timed(llm, prompts, params) -> tuple[float, list]:
     return time.perf_counter() - t, outs
 
 
-def part_grounded(engine: str, device: str, k: int, requests: int, max_tokens: int, words: int) -> dict:
+def part_grounded(engine: str, device: str, k: int, requests: int, max_tokens: int, words: int,
+                  draft: str | None = None) -> dict:
+    """Batch-1 grounded requests without and with speculation (n-gram, or ``draft``'s engine)."""
     from kiln.runtime import LLM, SamplingParams
 
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     row = {}
     outputs = {}
-    for name, cfg in (("plain", None), ("ngram", spec_config(k))):
+    name_spec = "draft" if draft else "ngram"
+    cfg_spec = {"method": "draft", "num_speculative_tokens": k, "draft_engine": draft} if draft else spec_config(k)
+    for name, cfg in (("plain", None), (name_spec, cfg_spec)):
         llm = LLM(engine, device=device, speculative_config=cfg)
         convs = [[{"role": "user", "content": TASKS[i % len(TASKS)].format(p=p)}] for i, p in enumerate(passages(requests, words))]
         llm.chat(convs[0], SamplingParams(max_tokens=8, temperature=0.0))  # warm
@@ -77,8 +85,8 @@ def part_grounded(engine: str, device: str, k: int, requests: int, max_tokens: i
             row.update(acceptance_rate=round(st["spec_acceptance_rate"], 3), proposed=st["spec_proposed_tokens"],
                        accepted=st["spec_accepted_tokens"])
         llm.shutdown()
-    row["speedup"] = round(row["ngram_tok_s"] / row["plain_tok_s"], 3)
-    row["outputs_equal"] = sum(a == b for a, b in zip(outputs["plain"], outputs["ngram"]))
+    row["speedup"] = round(row[f"{name_spec}_tok_s"] / row["plain_tok_s"], 3)
+    row["outputs_equal"] = sum(a == b for a, b in zip(outputs["plain"], outputs[name_spec]))
     row["requests"] = requests
     return row
 
@@ -177,6 +185,7 @@ def main() -> None:
     ap.add_argument("--engines", default=None, help="where to build (default: a temporary folder)")
     ap.add_argument("--smoke", action="store_true", help="small sizes on a CPU (tiny-llama for load and verify)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draft-layers", default="10,20", help="draft part: drafts of the target's first N layers (of 30), comma-separated")
     a = ap.parse_args()
     import torch
 
@@ -185,24 +194,38 @@ def main() -> None:
         a.model, a.dtype, a.batches, a.verify_batches, a.verify_ks = "tiny-llama", "float32", "1,4", "1,4", "1,2"
         a.isl, a.osl, a.requests, a.max_tokens, a.words, a.steps = 32, 16, 2, 24, 40, 4
     parts = [p for p in a.parts.split(",") if p]
-    bad = [p for p in parts if p not in ("grounded", "load", "verify")]
+    bad = [p for p in parts if p not in ("grounded", "load", "verify", "draft")]
     if bad:
-        ap.error(f"unknown parts {bad}: use grounded, load, verify")
+        ap.error(f"unknown parts {bad}: use grounded, load, verify, draft")
     root = a.engines or tempfile.mkdtemp(prefix="kiln-spec-")
     metrics: dict = {}
-    if "grounded" in parts:
+    if "grounded" in parts or "draft" in parts:
         from kiln.runtime.builder import build_engine
         from kiln.runtime.config import BuildConfig
 
-        eng = os.path.join(root, f"smollm2-{device}")
-        if not os.path.exists(os.path.join(eng, "engine.json")):
-            dt = "float32" if device == "cpu" else "bfloat16"
-            build_engine("smollm2-135m-instruct", eng, BuildConfig(dtype=dt, max_seq_len=2048), device_class=device,
-                         progress=False)
+        dt = "float32" if device == "cpu" else "bfloat16"
+
+        def builtin(name, **kw):
+            eng = os.path.join(root, name)
+            if not os.path.exists(os.path.join(eng, "engine.json")):
+                build_engine("smollm2-135m-instruct", eng, BuildConfig(dtype=dt, max_seq_len=2048), device_class=device,
+                             progress=False, **kw)
+            return eng
+
+        eng = builtin(f"smollm2-{device}")
+    if "grounded" in parts:
         g = part_grounded(eng, device, a.k, a.requests, a.max_tokens, a.words)
         print(text_table([g], list(g)))
         metrics["grounded"] = g
         metrics["acceptance_rate"] = g["acceptance_rate"]
+    if "draft" in parts:
+        metrics["draft"] = []
+        for n in (int(x) for x in a.draft_layers.split(",")):
+            draft = builtin(f"smollm2-first{n}-{device}", num_layers=n)
+            d = part_grounded(eng, device, a.k, a.requests, a.max_tokens, a.words, draft=draft)
+            d = {"draft_layers": n, **d, "pair": f"target: the built-in model ({dt}); draft: its first {n} decoder layers"}
+            print(text_table([d], list(d)))
+            metrics["draft"].append(d)
     if "load" in parts or "verify" in parts:
         big = max([int(b) for b in a.batches.split(",")] + [int(b) for b in a.verify_batches.split(",")])
         eng = build_random_engine(a.model, os.path.join(root, f"{a.model}-{a.dtype}"), dtype=a.dtype, device=device,
@@ -217,8 +240,9 @@ def main() -> None:
                                [int(k) for k in a.verify_ks.split(",")], a.steps, a.seed)
             print(text_table(rows, list(rows[0])))
             metrics["verify"] = rows
-    write_record("speculative", "smollm2-135m-instruct" if parts == ["grounded"] else a.model,
-                 {"parts": parts, "device": device, "method": "ngram", "num_speculative_tokens": a.k, "dtype": a.dtype,
+    write_record("speculative", "smollm2-135m-instruct" if set(parts) <= {"grounded", "draft"} else a.model,
+                 {"parts": parts, "device": device, "methods": ["ngram"] + (["draft"] if "draft" in parts else []),
+                  "draft_layers": a.draft_layers if "draft" in parts else None, "num_speculative_tokens": a.k, "dtype": a.dtype,
                   "batches": a.batches, "isl": a.isl, "osl": a.osl, "grounded_requests": a.requests,
                   "grounded_max_tokens": a.max_tokens, "smoke": a.smoke, "measured": "wall time of LLM.generate / LLMEngine.step"},
                  metrics)

@@ -50,6 +50,8 @@ def _add_build(sub) -> None:
     p.add_argument("--weights-at-load", action="store_true",
                    help="with --random-weights: write no weight files; each rank draws its weights at load (engines larger than the disk)")
     p.add_argument("--ranks", default=None, help="build only these ranks' files, e.g. 0-3 or 0,2 (parts merge into one --output)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="keep the model's first N decoder layers (a cheap draft of the same vocabulary for --speculative draft-target)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -75,7 +77,7 @@ def cmd_build(a) -> int:
         raise CLIError(f"invalid --max-num-tokens: must be at least --tokens-per-block ({build.tokens_per_block})")
     ranks = _parse_ranks(a.ranks) if a.ranks is not None else None
     build_engine(a.model, a.output, build, random_weights=a.random_weights, seed=a.seed, device_class=device, progress=not a.quiet,
-                 ranks=ranks, weights_at_load=a.weights_at_load, calibration_text=a.calibration_text)
+                 ranks=ranks, weights_at_load=a.weights_at_load, calibration_text=a.calibration_text, num_layers=a.num_layers)
     return 0
 
 

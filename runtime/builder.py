@@ -25,7 +25,7 @@ from tqdm import tqdm
 import kiln
 from kiln.parallel.mapping import Mapping
 from kiln.parallel.partition import ReadOnce, rank_slice
-from kiln.runtime.checkpoint import CheckpointReader, RandomReader, open_checkpoint
+from kiln.runtime.checkpoint import CheckpointError, CheckpointReader, FirstLayers, RandomReader, open_checkpoint
 from kiln.runtime.config import BuildConfig, EngineConfig, LinearQuant, ModelConfig
 from kiln.runtime.model import DecoderModel
 from kiln.runtime.quantize import QuantizationError, linear_quant_for, prepare_source
@@ -102,8 +102,10 @@ def build_engine(
     ranks: list[int] | None = None,
     weights_at_load: bool = False,
     calibration_text: str | None = None,
+    num_layers: int | None = None,
 ) -> str:
-    """Builds an engine directory (or, with ``ranks``, those ranks' part of it) and returns its path."""
+    """Builds an engine directory (or, with ``ranks``, those ranks' part of it) and returns its path.
+    ``num_layers`` keeps the model's first decoder layers only (``checkpoint.FirstLayers``)."""
     t0 = time.time()
     if weights_at_load and not random_weights and reader is None:
         raise BuildError("--weights-at-load needs --random-weights: only random weights can be drawn at load")
@@ -113,9 +115,14 @@ def build_engine(
         # Random weights are drawn in the build dtype, on the GPU when there is one: one tensor at a time.
         gen_device = "cuda" if (random_weights and torch.cuda.is_available() and device_class != "cpu") else "cpu"
         reader = open_checkpoint(model, random_weights=random_weights, seed=seed, dtype=TORCH_DTYPES[build.dtype], device=gen_device)
-    cfg = reader.config
     if weights_at_load and not isinstance(reader, RandomReader):
         raise BuildError("--weights-at-load needs --random-weights: only random weights can be drawn at load")
+    if num_layers is not None:
+        try:
+            reader = FirstLayers(reader, num_layers)
+        except CheckpointError as e:
+            raise BuildError(str(e)) from None
+    cfg = reader.config
     if build.max_seq_len > cfg.max_position_embeddings:
         build = build.model_copy(update={"max_seq_len": cfg.max_position_embeddings})
     try:

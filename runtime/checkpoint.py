@@ -575,6 +575,42 @@ def _dtype(dtype) -> torch.dtype:
         raise CheckpointError(f"unsupported random-weight dtype {dtype!r}: use float32, bfloat16 or float16") from None
 
 
+class FirstLayers(CheckpointReader):
+    """The first ``n`` decoder layers of another checkpoint with its embeddings, final norm and LM
+    head: the same vocabulary and tokenizer at a fraction of the cost per token, the cheap draft a
+    speculative decoder can exit early with (``kiln build --num-layers``)."""
+
+    def __init__(self, inner: CheckpointReader, n: int):
+        total = inner.config.num_hidden_layers
+        if not 1 <= n <= total:
+            raise CheckpointError(f"--num-layers must be in 1..{total} (the model's decoder layers), got {n}")
+        self.inner = inner
+        self.config = inner.config.model_copy(update={"num_hidden_layers": n})
+        self.source = f"{inner.source} (first {n} of {total} layers)"
+        self.quant = inner.quant
+
+        def keep(name: str) -> bool:
+            parts = name.split(".")
+            return not (parts[0] == "model" and parts[1] == "layers") or int(parts[2]) < n
+
+        self._names = [x for x in inner.names() if keep(x)]
+        self._shapes = {x: inner.shape(x) for x in self._names}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._shapes:
+            raise self._unknown(name)
+        return self.inner.get(name)
+
+    def is_quantized(self, prefix: str) -> bool:
+        return self.inner.is_quantized(prefix)
+
+    def get_quantized(self, prefix: str) -> dict[str, torch.Tensor]:
+        return self.inner.get_quantized(prefix)
+
+    def save_tokenizer(self, out_dir: str) -> TokenizerInfo:
+        return self.inner.save_tokenizer(out_dir)
+
+
 def open_checkpoint(model: str, *, random_weights: bool = False, seed: int = 0,
                     dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> CheckpointReader:
     """Open ``model``: a HF folder, a .gguf file, the built-in name, or (random weights) a preset.

@@ -402,3 +402,34 @@ def test_hf_tokenizer_files_and_fallback(tmp_path):
     transformers.AutoModelForCausalLM.from_config(_hf_config("qwen3")).save_pretrained(tmp_path / "bare")
     info = open_checkpoint(str(tmp_path / "bare")).save_tokenizer(str(tmp_path / "bare_tok"))
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "bare_tok")).decode([104, 105]) == "hi"
+
+
+def test_first_layers_engine_equals_transformers_cut_to_those_layers(small_checkpoint, tmp_path):
+    """``kiln build --num-layers 2`` of a 4-layer model: the engine's greedy tokens are those of
+    transformers' own model loaded with its first two layers (what a draft that exits early
+    computes); out-of-range counts are refused with one line."""
+    import transformers
+
+    from kiln.runtime.builder import BuildError, build_engine
+    from kiln.runtime.config import BuildConfig
+    from kiln.runtime.llm import LLM
+    from kiln.runtime.sampling_params import SamplingParams
+
+    out = build_engine(small_checkpoint, str(tmp_path / "first2"), BuildConfig(dtype="float32", max_seq_len=256),
+                       device_class="cpu", progress=False, num_layers=2)
+    llm = LLM(out)
+    assert llm.engine.config.model.num_hidden_layers == 2
+    assert "first 2 of 4 layers" in llm.engine.config.source
+    hf = transformers.AutoModelForCausalLM.from_pretrained(small_checkpoint, num_hidden_layers=2).eval()
+    full = transformers.AutoModelForCausalLM.from_pretrained(small_checkpoint).eval()
+    prompt = [5, 77, 901, 12, 1500, 33]
+    got = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].outputs[0].token_ids
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        ref_full = full.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert got == ref[0, len(prompt):].tolist()
+    assert got != ref_full[0, len(prompt):].tolist()  # two layers are another model than four
+    for n in (0, 5):
+        with pytest.raises(BuildError, match="--num-layers must be in 1..4"):
+            build_engine(small_checkpoint, str(tmp_path / f"bad{n}"), BuildConfig(dtype="float32", max_seq_len=256),
+                         device_class="cpu", progress=False, num_layers=n)
