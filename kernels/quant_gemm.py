@@ -61,41 +61,66 @@ class GemmConfig(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
+ONE_TILE_MAX_K = 16384
+"""Rows up to this width are quantized from one register tile: one read of x, no second pass."""
+
+
 @_jit
 def _quant_fp8_kernel(x_ptr, is_ptr, q_ptr, s_ptr, K, sxm, sqm, STATIC: tl.constexpr, EVEN_K: tl.constexpr,
-                      BLOCK_K: tl.constexpr, EMU: tl.constexpr = False, PDL: tl.constexpr = False):
+                      BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, EMU: tl.constexpr = False,
+                      PDL: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     xp = x_ptr + row * sxm + offs_k
     qp = q_ptr + row * sqm + offs_k[None, :]
     _gdc_enter(PDL)
-    if STATIC:
-        s = tl.load(is_ptr).to(tl.float32)
-    else:
-        s = _dyn_scale(_row_amax(xp, K, offs_k, EVEN_K, BLOCK_K))
-    r = tl.math.div_rn(1.0, s)
-    for k0 in range(0, K, BLOCK_K):
-        xq = _e4m3(_x_chunk(xp, k0, K, offs_k, EVEN_K), s, r, EMU).to(tl.float8e4nv)
-        if EVEN_K:
-            tl.store(qp + k0, xq)
+    if ONE_TILE:
+        # The whole row in registers: one load, the amax, the quantized store. A loop over
+        # chunks waits on memory twice per chunk, which at a few programs per SM is most of
+        # the kernel's time.
+        x = _x_chunk(xp, 0, K, offs_k, EVEN_K)
+        if STATIC:
+            s = tl.load(is_ptr).to(tl.float32)
         else:
-            tl.store(qp + k0, xq, mask=(k0 + offs_k < K)[None, :])
+            s = _dyn_scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+        r = tl.math.div_rn(1.0, s)
+        xq = _e4m3(x, s, r, EMU).to(tl.float8e4nv)
+        if EVEN_K:
+            tl.store(qp, xq)
+        else:
+            tl.store(qp, xq, mask=(offs_k < K)[None, :])
+    else:
+        if STATIC:
+            s = tl.load(is_ptr).to(tl.float32)
+        else:
+            s = _dyn_scale(_row_amax(xp, K, offs_k, EVEN_K, BLOCK_K))
+        r = tl.math.div_rn(1.0, s)
+        for k0 in range(0, K, BLOCK_K):
+            xq = _e4m3(_x_chunk(xp, k0, K, offs_k, EVEN_K), s, r, EMU).to(tl.float8e4nv)
+            if EVEN_K:
+                tl.store(qp + k0, xq)
+            else:
+                tl.store(qp + k0, xq, mask=(k0 + offs_k < K)[None, :])
     tl.store(s_ptr + row, s)
 
 
-def quantize_fp8(x: torch.Tensor, input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quant.quantize_fp8_act`` by one Triton kernel: (x_q [M, K] float8_e4m3fn, s [M] float32)."""
+def quantize_fp8(x: torch.Tensor, input_scale: torch.Tensor | None = None,
+                 one_tile_max_k: int = ONE_TILE_MAX_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quant.quantize_fp8_act`` by one Triton kernel: (x_q [M, K] float8_e4m3fn, s [M] float32).
+    One program per row; rows of at most ``one_tile_max_k`` values are read once, as one tile."""
     assert x.dim() == 2 and x.stride(1) == 1
     m, k = x.shape
     xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return xq, s
-    bk = min(triton_ops._pow2(k), 2048)
+    one = k <= one_tile_max_k
+    bk = triton_ops._pow2(k) if one else 2048
+    warps = 4 if bk <= 1024 else 8 if bk <= 4096 else 16
     _quant_fp8_kernel[(m,)](
         x, input_scale if input_scale is not None else s, xq, s, k, x.stride(0), xq.stride(0),
-        STATIC=input_scale is not None, EVEN_K=k % bk == 0, BLOCK_K=bk, EMU=_interpreting(),
-        num_warps=4 if bk <= 1024 else 8, **triton_ops.launch_opts(x),
+        STATIC=input_scale is not None, EVEN_K=k % bk == 0, BLOCK_K=bk, ONE_TILE=one, EMU=_interpreting(),
+        num_warps=warps, **triton_ops.launch_opts(x),
     )
     return xq, s
 

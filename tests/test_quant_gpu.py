@@ -109,7 +109,7 @@ def _check_glu(y, ref, dtype):
 
 
 @pytest.mark.parametrize("dtype", [BF, FP16, F32])
-@pytest.mark.parametrize("shape", [(1, 4096), (300, 14336), (7, 208)])
+@pytest.mark.parametrize("shape", [(1, 4096), (300, 14336), (7, 208), (3, 16400)])
 @pytest.mark.parametrize("static", [False, True])
 def test_quantize_fp8_exact(shape, static, dtype):
     x = _randn(*shape, dtype=dtype, seed=1, scale=3.0)

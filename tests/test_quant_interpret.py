@@ -102,23 +102,25 @@ Q8_SMALL = [GemvConfig(4, 64, 4, 1, 1), GemvConfig(8, 128, 4, 2, 4), GemvConfig(
 
 @in_child
 @pytest.mark.parametrize("dtype", [BF, FP16, F32])
-@pytest.mark.parametrize("k", [208, 4096])
-def test_quantize_fp8_dynamic_is_exact(k, dtype):
+@pytest.mark.parametrize("k,one_tile_max_k", [(208, 16384), (4096, 16384), (4096, 1024), (208, 64)])
+def test_quantize_fp8_dynamic_is_exact(k, one_tile_max_k, dtype):
+    """One register tile per row, and the two-pass loop over chunks (rows wider than the tile)."""
     x = _randn(5, k, dtype=dtype, seed=1, scale=3.0)
     x[1] = 0  # a zero row keeps the smallest scale
     x[2, :7] = torch.tensor([448.0, -1e-3, 2.0 ** -12, 17.0, -17.0, 1e-30, -300.0]).to(dtype)
-    xq, s = quantize_fp8(x)
+    xq, s = quantize_fp8(x, one_tile_max_k=one_tile_max_k)
     xq_ref, s_ref = quant.quantize_fp8_act(x)
     assert torch.equal(s, s_ref)
     assert torch.equal(xq.float(), xq_ref.float())
 
 
 @in_child
-def test_quantize_fp8_static_clamps():
+@pytest.mark.parametrize("one_tile_max_k", [16384, 32])
+def test_quantize_fp8_static_clamps(one_tile_max_k):
     x = _randn(3, 96, dtype=BF, seed=2, scale=10.0)
     x[0, 0], x[0, 1] = 1e30, -1e30  # far past 448 * s: the quotient overflows and clamps
     scale = torch.tensor([0.01])
-    xq, s = quantize_fp8(x, scale)
+    xq, s = quantize_fp8(x, scale, one_tile_max_k=one_tile_max_k)
     xq_ref, s_ref = quant.quantize_fp8_act(x, scale)
     assert torch.equal(s, s_ref) and torch.equal(xq.float(), xq_ref.float())
     assert xq[0, 0].float().item() == 448.0 and xq[0, 1].float().item() == -448.0
