@@ -159,6 +159,8 @@ def main() -> None:
                 print_profile(v, prof)
                 row["profiles"].append(prof)
         if v in offline:
+            results[v] = row
+            save(a, offline, rows + [row], results, bw, done=False)  # a call cut short in the offline run keeps the rest
             ps = prompts(a.requests, a.isl, 7)
             wall = timed_generate(llm, ps, a.osl)
             row["offline_tok_s"] = round(a.requests * a.osl / wall, 1)
