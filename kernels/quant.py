@@ -28,6 +28,12 @@ MIN_SCALE = 1e-12
 # ----------------------------------------------------------------------------------------------
 
 
+def _div(t: torch.Tensor, d: float) -> torch.Tensor:
+    """``t / d`` correctly rounded on every device: a Python number as divisor makes CUDA multiply
+    by its rounded reciprocal instead (one ulp off at times), so the divisor goes as a tensor."""
+    return t / torch.full((), d, dtype=t.dtype, device=t.device)
+
+
 def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``(x / scale).clamp(-448, 448)`` in E4M3, dividing in float32 (scale broadcasts)."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -35,7 +41,7 @@ def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel E4M3 quantization of a weight [N, K]: (weight [N, K] E4M3, scale [N] float32)."""
-    scale = (w.float().abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)
+    scale = _div(w.float().abs().amax(dim=-1), FP8_MAX).clamp(min=MIN_SCALE)
     return to_fp8(w, scale[:, None]), scale
 
 
@@ -48,7 +54,7 @@ def quantize_fp8_act(x: torch.Tensor, input_scale: torch.Tensor | None = None) -
     """Activations x [M, K] in E4M3 and their float32 scale per row [M]: each row's own
     ``max|x| / 448`` (dynamic), or the calibrated ``input_scale`` [1] for every row (static)."""
     if input_scale is None:
-        s = (x.float().abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)
+        s = _div(x.float().abs().amax(dim=-1), FP8_MAX).clamp(min=MIN_SCALE)
     else:
         s = input_scale.float().expand(x.shape[0])
     return to_fp8(x, s[:, None]), s
@@ -70,7 +76,7 @@ def fp8_linear_ref(x, weight, weight_scale, input_scale=None, bias=None) -> torc
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (weight [N, K] int8, scale [N] float32), scale = amax / 127."""
-    scale = (w.float().abs().amax(dim=-1) / 127.0).clamp(min=MIN_SCALE)
+    scale = _div(w.float().abs().amax(dim=-1), 127.0).clamp(min=MIN_SCALE)
     q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 
@@ -109,7 +115,7 @@ def int4_group_params(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype
     g = w.float().reshape(n, k // group_size, group_size)
     lo = g.amin(dim=-1).clamp(max=0.0)
     hi = g.amax(dim=-1).clamp(min=0.0)
-    scale = ((hi - lo) / 15.0).clamp(min=MIN_SCALE).to(scale_dtype)
+    scale = _div(hi - lo, 15.0).clamp(min=MIN_SCALE).to(scale_dtype)
     zero = torch.round(-lo / scale.float()).clamp(0, 15).to(torch.uint8)
     return scale, zero
 

@@ -71,9 +71,28 @@ def _log_compiles() -> None:
     import sys
     import time
 
+    def specialization(kw) -> str:
+        """The argument types and the values or properties Triton compiled this variant for."""
+        try:
+            names = list(kw["fn"].jit_function.arg_names)
+            comp = kw["compile"]
+            sig = comp.get("signature") or {}
+            parts = [f"{k}:{v}" for k, v in (sig.items() if isinstance(sig, dict) else [])]
+            consts = comp.get("constants") or {}
+            parts += [f"{names[k[0]] if isinstance(k, tuple) and k and isinstance(k[0], int) else k}={v}"
+                      for k, v in consts.items()]
+            for attrs in (comp.get("configs") or [{}])[:1]:
+                for k, v in (attrs.items() if isinstance(attrs, dict) else []):
+                    arg = names[k[0]] if isinstance(k, tuple) and k and isinstance(k[0], int) else k
+                    parts.append(f"{arg}~{v}")
+            return " ".join(parts)
+        except Exception as exc:  # noqa: BLE001 - a log line must never break a compile
+            return f"(specialization unavailable: {type(exc).__name__})"
+
     def hook(*args, **kw):
         if not kw.get("is_manual_warmup", False):
-            print(f"kiln: triton compiled at {time.time():.3f}: {kw.get('repr', '?')[:400]}", file=sys.stderr, flush=True)
+            print(f"kiln: triton compiled at {time.time():.3f}: {kw.get('repr', '?')[:200]} | {specialization(kw)[:1500]}",
+                  file=sys.stderr, flush=True)
         return False
 
     try:
