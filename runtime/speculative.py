@@ -6,7 +6,9 @@ all of them in one forward pass, and the tokens it would have produced itself ar
   tokens that follow ``token_ids``. ``NgramProposer`` (prompt lookup) needs no model: it finds the
   latest earlier occurrence of the sequence's last n tokens and proposes what followed it.
   ``DraftProposer`` (``runtime/draft.py``) runs a smaller engine over all speculating sequences at
-  once and also returns the distributions its proposals were drawn from.
+  once and also returns the distributions its proposals were drawn from. ``MedusaProposer`` and
+  ``EagleProposer`` (``runtime/heads.py``) read the target's hidden states and propose argmax
+  chains (checked like n-gram proposals, ``q = 1`` at each token).
 * ``ProposalLength`` decides how many tokens each sequence proposes from its running acceptance.
 * ``verify`` decides, from the target's distribution at each of the ``k + 1`` positions, how many
   proposals stand and which token comes after them (the correction or the bonus token). Greedy
