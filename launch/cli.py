@@ -146,9 +146,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--launcher", default="local", choices=["local", "torchrun", "ray"])
     p.add_argument("--topology", default=None)
-    p.add_argument("--draft-engine", default=None, help="with --speculative draft-target: the draft model's engine directory")
+    p.add_argument("--draft-engine", "--speculative-model", dest="draft_engine", default=None,
+                   help="with --speculative draft-target: the draft model's engine directory; with medusa or eagle: "
+                        "the heads' directory")
     p.add_argument("--speculative", default="none", choices=["none", "ngram", "draft-target", "eagle", "medusa"],
-                   help="speculative decoding: ngram (prompt lookup, no model) or draft-target (a draft engine proposes)")
+                   help="speculative decoding: ngram (prompt lookup, no model), draft-target (a draft engine proposes), "
+                        "medusa or eagle (heads trained on the target propose from its hidden states)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="proposals per step and request at most (1..16)")
     p.add_argument("--device", default=None)
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429")
@@ -184,13 +187,14 @@ def cmd_serve(a) -> int:
     elif a.topology:
         raise CLIError("--topology only applies to --launcher ray")
     a.speculative_config = None
-    if a.speculative in ("eagle", "medusa"):
-        raise CLIError(f"--speculative {a.speculative} is not available in this version: use ngram or draft-target")
-    if a.draft_engine and a.speculative != "draft-target":
-        raise CLIError("--draft-engine needs --speculative draft-target")
+    if a.draft_engine and a.speculative not in ("draft-target", "medusa", "eagle"):
+        raise CLIError("--draft-engine needs --speculative draft-target, medusa or eagle")
     if a.speculative == "draft-target" and not a.draft_engine:
         raise CLIError("--speculative draft-target needs --draft-engine DIR: the draft model's engine (built with `kiln build`)")
-    if a.speculative in ("ngram", "draft-target"):
+    if a.speculative in ("medusa", "eagle") and not a.draft_engine:
+        raise CLIError(f"--speculative {a.speculative} needs --draft-engine DIR (or --speculative-model DIR): "
+                       "the directory of its heads")
+    if a.speculative != "none":
         if a.launcher == "ray":
             raise CLIError("--speculative runs with --launcher local or torchrun in this version")
         from kiln.runtime.speculative import parse_config
@@ -204,12 +208,20 @@ def cmd_serve(a) -> int:
                 read_engine_config(a.draft_engine)  # one clear line before anything starts
             except ValueError as e:
                 raise CLIError(f"--draft-engine: {e}") from None
+        elif a.speculative in ("medusa", "eagle"):
+            from kiln.runtime.heads import check_heads_dir
+
+            a.speculative_config.update(method=a.speculative, model=os.path.abspath(a.draft_engine))
+            try:
+                check_heads_dir(a.speculative, a.draft_engine)  # one clear line before anything starts
+            except ValueError as e:
+                raise CLIError(f"--draft-engine: {e}") from None
         try:
             parse_config(a.speculative_config)
         except ValueError as e:
             raise CLIError(f"invalid --num-speculative-tokens: {e}") from None
     elif a.num_speculative_tokens != 4:
-        raise CLIError("--num-speculative-tokens needs --speculative ngram or draft-target")
+        raise CLIError("--num-speculative-tokens needs --speculative ngram, draft-target, medusa or eagle")
     return serve(a)
 
 

@@ -79,11 +79,15 @@ class LLMEngine:
         self._seqs_by_id: dict[int, Sequence] = {}
         self._grammars = None
         self.spec = parse_config(speculative_config)
-        self.proposer = self.draft = None
+        self.proposer = self.draft = self.heads = None
         self._q_sink = None  # the runner that verifies on this process (draft distributions go to it)
-        if self.spec is not None and self.spec.method == "draft":
+        self._hidden_src = None  # the runner whose hidden states the heads read
+        if self.spec is not None and self.spec.method in ("draft", "medusa", "eagle"):
             try:
-                self._load_draft(seed)
+                if self.spec.method == "draft":
+                    self._load_draft(seed)
+                else:
+                    self._load_heads()
             except BaseException:
                 self.shutdown()
                 raise
@@ -212,6 +216,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if self.draft is not None:  # sequences preempted just now give their draft KV back too
             self.draft.retain({s.seq_id for s in self.scheduler.running})
+        if self.heads is not None:
+            self.heads.retain({s.seq_id for s in self.scheduler.running})
         for seq, msg in self.scheduler.failed:
             req = seq.request
             req.error = msg
@@ -357,6 +363,50 @@ class LLMEngine:
         # requests speculate.
         self._q_sink = runner if runner.samples else None
 
+    def _load_heads(self) -> None:
+        """Medusa heads or an EAGLE layer beside the target's runner in this process; the runner
+        then hands over the hidden states they read after each step."""
+        from kiln.runtime.heads import EagleProposer, MedusaProposer
+
+        method = self.spec.method
+        runner = getattr(self.executor, "runner", None)
+        if runner is None:
+            raise ValueError(f"speculative method '{method}' needs the target's runner in this process "
+                             "(launcher local or torchrun)")
+        mp = runner.model.mapping
+        if mp.pp > 1:
+            raise ValueError(f"speculative method '{method}' reads the target's hidden states on the rank that samples: "
+                             "it runs without pipeline stages (build the target with --pp 1)")
+        if method == "eagle" and mp.tp > 1:
+            raise ValueError("speculative method 'eagle' reads the target's embedding table and LM head whole: "
+                             "it runs with a one-rank target (build it with --tp 1)")
+        ld, k = self.loaded, self.spec.num_speculative_tokens
+        if method == "medusa":
+            self.heads = MedusaProposer(self.spec.heads_dir, runner.model, k)
+        else:
+            self.heads = EagleProposer(
+                self.spec.heads_dir, runner.model, k, num_tokens=ld.num_kv_blocks * ld.config.build.tokens_per_block,
+                max_num_tokens=ld.max_num_tokens, max_batch_size=ld.max_batch_size,
+                block_size=ld.config.build.tokens_per_block, max_seq_len=self.max_seq_len,
+            )
+        runner.hidden_mode = self.heads.hidden_mode
+        self._hidden_src = runner
+
+    @staticmethod
+    def _may_speculate(seq: Sequence) -> bool:
+        p = seq.request.params
+        return p.n == 1 and seq.grammar is None and p.logprobs is None and p.speculative
+
+    def _observe_hidden(self) -> None:
+        """The last step's hidden states go to the heads, for the sequences that may speculate."""
+        feats = self._hidden_src.take_hidden()
+        keep = {}
+        for sid, f in feats.items():
+            seq = self._seqs_by_id.get(sid)
+            if seq is not None and not seq.finished and self._may_speculate(seq):
+                keep[sid] = f
+        self.heads.observe(keep)
+
     def _propose(self) -> None:
         """Proposals for each running sequence that decodes next step (the scheduler takes them).
         Not for n > 1, grammars, logprobs or ``SamplingParams(speculative=False)``; never past
@@ -367,7 +417,7 @@ class LLMEngine:
             if seq.sent_table is None or seq.uncomputed != 1 or seq.num_pending:
                 continue
             p = seq.request.params
-            if p.n > 1 or seq.grammar is not None or p.logprobs is not None or not p.speculative:
+            if not self._may_speculate(seq):
                 continue
             if self.draft is not None and not p.greedy and self._q_sink is None:
                 continue
@@ -382,7 +432,12 @@ class LLMEngine:
             ks = within_budget([(seq.spec_rate, k) for seq, k in wanted], max(0, room), self.proposal_length.prior)
             self.spec_cut += sum(max(0, k) for _, k in wanted) - sum(ks)
             wanted = [(seq, k) for (seq, _), k in zip(wanted, ks)]
-        if self.draft is None:
+        if self.heads is not None:
+            # every sequence that may speculate takes in its features, k = 0 included
+            got = self.heads.propose([(seq.seq_id, seq.token_ids, max(0, k)) for seq, k in wanted])
+            for seq, _ in wanted:
+                seq.draft = got.get(seq.seq_id) or None
+        elif self.draft is None:
             for seq, k in wanted:
                 if k > 0:
                     seq.draft = self.proposer.propose(seq.token_ids, k) or None
@@ -435,6 +490,8 @@ class LLMEngine:
             seq.spec_k = 0
 
     def _process(self, result: StepResult) -> None:
+        if self.heads is not None:
+            self._observe_hidden()
         if self.spec is not None:
             self._rollback(result)
         for pl in result.prompt_logprobs:  # before the tokens: a request may finish on this step's token
@@ -522,6 +579,8 @@ class LLMEngine:
             self._seqs_by_id.pop(s.seq_id, None)
             if self.draft is not None:
                 self.draft.release(s.seq_id)
+            if self.heads is not None:
+                self.heads.release(s.seq_id)
         req.finish_time = time.monotonic()
         self._changed[req.request_id] = req
         self.requests.pop(req.request_id, None)
@@ -580,4 +639,6 @@ class LLMEngine:
             s["spec_step_token_budget"] = self._step_budget
             if self.draft is not None:
                 s.update(self.draft.stats())
+            if self.heads is not None:
+                s.update(self.heads.stats())
         return s

@@ -21,7 +21,7 @@ class LLM:
     finish without preemption) or "max_utilization"; ``speculative_config`` turns on speculative
     decoding (``kiln.runtime.speculative.SpeculativeConfig``, e.g. ``{"method": "ngram",
     "num_speculative_tokens": 4}`` or ``{"method": "draft", "draft_engine": "engines/draft",
-    "num_speculative_tokens": 3}``).
+    "num_speculative_tokens": 3}``, or ``"medusa"`` / ``"eagle"`` with ``"model"`` the heads' directory).
     """
 
     def __init__(

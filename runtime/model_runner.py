@@ -66,6 +66,12 @@ class ModelRunner:
         # the coordinator in this process before the step ([proposals, vocab] per seq id).
         self.next_draft_probs: dict[int, torch.Tensor] = {}
         self._draft_probs: dict[int, torch.Tensor] = {}
+        # Proposers that read the target's hidden states (Medusa and EAGLE heads) set this: "last"
+        # keeps, per sequence that sampled, the final hidden state whose logits gave its newest
+        # token; "all" keeps every row whose KV stands after the step (prefill chunks, the decode
+        # row, the last token and the proposals that stood). ``take_hidden`` hands them over.
+        self.hidden_mode: str | None = None
+        self._hidden: dict[int, tuple[int, torch.Tensor]] = {}
         self._prev_tokens: torch.Tensor | None = None  # the last launched step's sampled tokens (device)
         self._prev_rows: dict[int, tuple[int, int]] = {}  # seq id -> (row in _prev_tokens, position)
         self._fix = None
@@ -350,6 +356,47 @@ class ModelRunner:
             out.extend(SampledToken(sid, t) for t in (*draft[:a], nxt))
         return out
 
+    # --- hidden states for proposers that read them ---------------------------------------------------
+    def _launch_hidden(self, hidden: torch.Tensor, work):
+        """The rows ``hidden_mode`` asks for, gathered once: (rows, seq id -> (first row in them,
+        first position, count), the speculating seq ids). A speculating sequence's rows are all k + 1; ``_finish_hidden``
+        keeps those that stood once verification is known."""
+        rows, spans = [], {}
+        for sid, n, sample in work:
+            if n == 0 or sid not in self._chunks:
+                continue
+            first, start, n = self._chunks[sid]
+            if self.hidden_mode == "last" and sid not in self._drafts:
+                if not sample:
+                    continue
+                first, start, n = first + n - 1, start + n - 1, 1
+            spans[sid] = (len(rows), start, n)
+            rows.extend(range(first, first + n))
+        got = hidden.index_select(0, h2d(rows, torch.long, self.device)) if rows else hidden[:0]
+        return got, spans, set(self._drafts)
+
+    def _finish_hidden(self, feats, sampled: list[SampledToken]) -> None:
+        """Keeps the rows of positions whose KV stands: a speculating sequence's last token and the
+        proposals that stood (its tokens this step less one)."""
+        got, spans, drafted = feats
+        counts: dict[int, int] = {}
+        for st in sampled:
+            counts[st.seq_id] = counts.get(st.seq_id, 0) + 1
+        out = {}
+        for sid, (r, start, n) in spans.items():
+            if sid in drafted:
+                n = counts.get(sid, 1)  # the last token and the proposals that stood
+                if self.hidden_mode == "last":
+                    r, start, n = r + n - 1, start + n - 1, 1
+            out[sid] = (start, got[r : r + n])
+        self._hidden = out
+
+    def take_hidden(self) -> dict[int, tuple[int, torch.Tensor]]:
+        """seq id -> (first position, final hidden states [n, hidden]) of the last step (see
+        ``hidden_mode``); each step's are handed over once."""
+        out, self._hidden = self._hidden, {}
+        return out
+
     # --- one step -------------------------------------------------------------------------------
     def execute(self, plan: StepPlan, allowed_masks: dict[int, torch.Tensor] | None = None) -> StepResult:
         return self.launch(plan, allowed_masks).result()
@@ -407,6 +454,7 @@ class ModelRunner:
         if self.keep_logits:
             self.last_logits = self.model.compute_logits(hidden)
         sampled_ids = [sid for sid, _, s in work if s]
+        feats = self._launch_hidden(hidden, work) if self.hidden_mode and self.samples else None
         spec = None
         if self._drafts:
             spec = self._launch_verify(hidden)
@@ -511,6 +559,8 @@ class ModelRunner:
                 result.sampled = [SampledToken(sid, t) for sid, t in zip(sampled_ids_host, host.tolist())]
             if spec:
                 result.sampled.extend(self._finish_verify(spec))
+            if feats is not None:
+                self._finish_hidden(feats, result.sampled)
             result.prompt_logprobs = finish_prompt_logprobs(prompt_lp)
             # Placeholders this worker holds for those tokens become the tokens themselves.
             for st_tok in result.sampled:

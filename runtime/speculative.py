@@ -6,7 +6,9 @@ all of them in one forward pass, and the tokens it would have produced itself ar
   tokens that follow ``token_ids``. ``NgramProposer`` (prompt lookup) needs no model: it finds the
   latest earlier occurrence of the sequence's last n tokens and proposes what followed it.
   ``DraftProposer`` (``runtime/draft.py``) runs a smaller engine over all speculating sequences at
-  once and also returns the distributions its proposals were drawn from.
+  once and also returns the distributions its proposals were drawn from. ``MedusaProposer`` and
+  ``EagleProposer`` (``runtime/heads.py``) read the target's hidden states and propose argmax
+  chains (checked like n-gram proposals, ``q = 1`` at each token).
 * ``ProposalLength`` decides how many tokens each sequence proposes from its running acceptance.
 * ``verify`` decides, from the target's distribution at each of the ``k + 1`` positions, how many
   proposals stand and which token comes after them (the correction or the bonus token). Greedy
@@ -30,6 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_SPECULATIVE_TOKENS = 16
 
+HEADS = ("medusa", "eagle")
+"""Methods whose proposer reads the target's hidden states (``runtime/heads.py``)."""
+
 GPU_STEP_TOKEN_BUDGET = 256
 """The default ``step_token_budget`` on a GPU. A decode step of an 8B-class model on a Hopper GPU
 reads every weight once whatever its row count up to roughly the GPU's FLOP-to-byte ratio
@@ -41,9 +46,11 @@ limit there, where tests exercise speculation at every batch size."""
 
 class SpeculativeConfig(BaseModel):
     """How the engine speculates. ``method``: "ngram" (prompt lookup: proposals copied from earlier
-    in the sequence) or "draft" (a smaller model proposes: ``draft_engine`` is a kiln engine
+    in the sequence), "draft" (a smaller model proposes: ``draft_engine`` is a kiln engine
     directory built like any other, with the target's tokenizer; ``model`` is accepted as another
-    name for it, as vLLM users write it); ``num_speculative_tokens``: proposals per step and sequence at most;
+    name for it, as vLLM users write it), "medusa" or "eagle" (heads trained on the target read its
+    hidden states, ``runtime/heads.py``: ``model`` is their directory, in the layout their
+    projects publish); ``num_speculative_tokens``: proposals per step and sequence at most;
     ``prompt_lookup_max`` / ``prompt_lookup_min``: the longest and shortest trailing n-gram looked
     up (the longest that matches wins); ``min_acceptance``: see ``ProposalLength`` (0 proposes
     ``num_speculative_tokens`` whenever lookup finds them); ``step_token_budget``: see
@@ -51,9 +58,9 @@ class SpeculativeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["ngram", "draft"] = Field(description="the proposer")
+    method: Literal["ngram", "draft", "medusa", "eagle"] = Field(description="the proposer")
     draft_engine: str | None = Field(None, description='method "draft": the draft model\'s engine directory')
-    model: str | None = Field(None, description="another name for draft_engine")
+    model: str | None = Field(None, description='the draft engine (method "draft") or the heads\' directory ("medusa", "eagle")')
     num_speculative_tokens: int = Field(ge=1, le=MAX_SPECULATIVE_TOKENS, description="proposals per step at most")
     prompt_lookup_max: int = Field(4, ge=1, le=64, description="longest trailing n-gram looked up")
     prompt_lookup_min: int = Field(1, ge=1, le=64, description="shortest trailing n-gram looked up")
@@ -73,9 +80,16 @@ class SpeculativeConfig(BaseModel):
             self.draft_engine, self.model = self.model, None
         if self.method == "draft" and not self.draft_engine:
             raise ValueError('method "draft" needs draft_engine: the draft model\'s engine directory')
-        if self.method != "draft" and self.draft_engine is not None:
-            raise ValueError(f'draft_engine is only for method "draft", not {self.method!r}')
+        if self.method in HEADS and not self.draft_engine:
+            raise ValueError(f'method "{self.method}" needs model: the directory of its heads')
+        if self.method == "ngram" and self.draft_engine is not None:
+            raise ValueError('draft_engine is only for method "draft", not \'ngram\'')
         return self
+
+    @property
+    def heads_dir(self) -> str | None:
+        """The heads' directory of method "medusa" or "eagle"."""
+        return self.draft_engine if self.method in HEADS else None
 
 
 class ProposalLength:
@@ -105,9 +119,6 @@ class ProposalLength:
         return (1 - self.decay) * (self.prior if rate is None else rate) + self.decay * accepted / proposed
 
 
-UNBUILT = ("eagle", "medusa")
-"""Methods vLLM users name that kiln does not run yet: refused with one line, never ignored."""
-
 
 def parse_config(cfg: dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
     """``speculative_config`` as given to ``LLM``: None, a dict or a ``SpeculativeConfig``;
@@ -116,9 +127,6 @@ def parse_config(cfg: dict | SpeculativeConfig | None) -> SpeculativeConfig | No
         return cfg
     if not isinstance(cfg, dict):
         raise ValueError(f"speculative_config must be a dict, got {type(cfg).__name__}")
-    method = cfg.get("method")
-    if method in UNBUILT:
-        raise ValueError(f"speculative method {method!r} is not available in this version: use 'ngram' or 'draft'")
     try:
         out = SpeculativeConfig(**cfg)
     except Exception as e:  # pydantic's ValidationError: its first error, on one line

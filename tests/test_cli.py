@@ -125,7 +125,11 @@ def test_refuses_out_of_range_generate_flags(tiny_engine):
 
 
 def test_refuses_speculative_flags_it_cannot_run(tiny_engine):
-    assert_refused(kiln("serve", tiny_engine, "--speculative", "eagle"), "--speculative eagle")
+    assert_refused(kiln("serve", tiny_engine, "--speculative", "eagle"), "--speculative eagle", "--draft-engine DIR")
+    assert_refused(kiln("serve", tiny_engine, "--speculative", "medusa", "--speculative-model", tiny_engine + "-nope"),
+                   "--draft-engine", "does not exist")
+    assert_refused(kiln("serve", tiny_engine, "--speculative", "eagle", "--draft-engine", tiny_engine),
+                   "--draft-engine", "eagle heads directory")
     assert_refused(kiln("serve", tiny_engine, "--draft-engine", tiny_engine), "--draft-engine")
     assert_refused(kiln("serve", tiny_engine, "--speculative", "draft-target"), "--draft-engine")
     assert_refused(kiln("serve", tiny_engine, "--speculative", "draft-target", "--draft-engine", tiny_engine + "-nope"),

@@ -145,7 +145,7 @@ def test_bad_configs():
     for cfg, words in (({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
                        ({"method": "ngram", "num_speculative_tokens": 17}, "num_speculative_tokens"),
                        ({"method": "lookahead", "num_speculative_tokens": 2}, "method"),
-                       ({"method": "eagle", "num_speculative_tokens": 2}, "not available"),
+                       ({"method": "eagle", "num_speculative_tokens": 2}, "needs model"),
                        ({"method": "draft", "num_speculative_tokens": 2}, "needs draft_engine"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "typo"),
@@ -328,8 +328,8 @@ def test_per_request_opt_out(small_engine):
 
 
 def test_refusals(small_engine):
-    with pytest.raises(ValueError, match="not available"):
-        LLM(small_engine, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(small_engine, speculative_config={"method": "eagle", "num_speculative_tokens": 2, "model": small_engine + "-nope"})
     with pytest.raises(ValueError, match="local and torchrun"):
         LLM(small_engine, launcher="ray", speculative_config=SPEC)
 

@@ -303,7 +303,7 @@ def test_config_names():
                        ({"method": "draft", "num_speculative_tokens": 17, "draft_engine": "d"}, "num_speculative_tokens"),
                        ({"method": "draft", "num_speculative_tokens": 2, "draft_engine": "a", "model": "b"}, "once"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "draft_engine": "a"}, "only for"),
-                       ({"method": "medusa", "num_speculative_tokens": 2}, "not available")):
+                       ({"method": "medusa", "num_speculative_tokens": 2}, "needs model")):
         with pytest.raises(ValueError, match=words):
             parse_config(cfg)
 
