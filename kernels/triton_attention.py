@@ -166,7 +166,7 @@ def _load_kv_tile(cache_ptr, row_ptr, pos, n_mask, kvh, c0, c1, c2, offs_d, d_ma
     return tl.load(cache_ptr + off[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
 
 
-@_jit_runtime_ints("num_splits")
+@_jit_runtime_ints("num_splits", "s_bt")
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr, part_o_ptr, part_lse_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
     sq0, sq1, so0, so1, sk0, sk1, sk2, sv0, sv1, sv2, s_bt,
@@ -278,7 +278,7 @@ def _decode_reduce_kernel(
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
 
 
-@_jit
+@_jit_runtime_ints("s_bt")
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
     sq0, sq1, so0, so1, sk0, sk1, sk2, sv0, sv1, sv2, s_bt,

@@ -103,6 +103,21 @@ def test_interpreter_suite():
     run_in_interpreter(__file__)
 
 
+def test_attention_kernels_do_not_specialize_on_batch_shape():
+    """Triton compiles a variant for an int argument equal to 1 and for one divisible by 16. The
+    block-table row stride (the longest sequence's block count, eager steps) and the split count
+    vary with each batch, so the kernels must not specialize on them, or a request of a new length
+    compiles a kernel on its path (the load-time warm-up runs one-block tables)."""
+    import importlib
+
+    ta = importlib.import_module("kiln.kernels.triton_attention")
+    for kernel, names in ((ta._decode_kernel, {"num_splits", "s_bt"}), (ta._prefill_kernel, {"s_bt"}),
+                          (ta._decode_reduce_kernel, {"num_splits"})):
+        if not hasattr(kernel, "do_not_specialize"):
+            pytest.skip("no Triton here")
+        assert names <= set(kernel.do_not_specialize), (kernel, kernel.do_not_specialize)
+
+
 BF = torch.bfloat16
 
 
