@@ -65,6 +65,19 @@ def test_wire_deltas_rebuild_every_snapshot():
     assert sizes[-1] < sizes[0] * 2  # deltas, not whole histories
 
 
+def test_spelled_out_encoder_equals_the_tables():
+    """``OutputEncoder.encode`` names the tables' fields itself (it runs for every request of every
+    step); it must send exactly what reading ``REQUEST_WIRE`` / ``COMPLETION_WIRE`` sends."""
+    assert w._FAST  # the tables still list the fields encode spells out, in its order
+    fast, slow = w.OutputEncoder(), w.OutputEncoder()
+    snaps = _snapshots()
+    more = [RequestOutput("r2", None, [7], [CompletionOutput(index=0, text="x" * n, token_ids=list(range(n)))],
+                          finished=n == 5, metrics={"t": float(n)}) for n in (0, 1, 1, 3, 5)]
+    for out in [x for pair in zip(snaps, more) for x in pair] + more[len(snaps):]:
+        assert fast.encode(out) == slow.encode_by_table(out)
+    assert len(fast) == len(slow) == 0
+
+
 # --- the processes ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
