@@ -151,6 +151,10 @@ def main() -> None:
         row = {"variant": v, "load_s": round(load_s, 1), "weight_gb_read": round(nbytes / 1e9, 3),
                "floor_ms": round(floor, 3), "batch1_ms": round(b1, 3), "ratio_to_floor": round(b1 / floor, 3),
                "batch64_step_ms": round(b64, 2), "kv_tokens": bm.num_blocks * bm.block_size}
+        from kiln.kernels import triton_attention
+
+        if triton_attention.decode_tuned_table():
+            row["fp8_kv_decode_tile"] = triton_attention.decode_tuned_table()  # chosen at load by measurement
         if a.profile:
             row["profiles"] = []
             for pair in a.profile.split(","):

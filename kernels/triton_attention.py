@@ -26,7 +26,7 @@ use programmatic dependent launch as described in ``kiln.kernels.triton_ops``.
 
 import torch
 
-from kiln.kernels.attention import kv_cache_is_fp8
+from kiln.kernels.attention import KV_FP8_DTYPE, kv_cache_is_fp8
 from kiln.kernels.triton_ops import _LOG2E, _cdiv, _gdc_enter, _jit, _jit_runtime_ints, _pow2, _sm_count, launch_opts, tl
 
 # ----------------------------------------------------------------------------------------------
@@ -393,8 +393,89 @@ def _attn_common(q, k_cache, v_cache, k_scale, v_scale):
     )
 
 
-def _block_n(c) -> int:
-    return 64 if c["block_d"] <= 128 and not c["ieee"] else 32
+DECODE_BLOCK_N_FP8 = (64, 128)
+"""Context tiles the FP8-KV decode kernel may take: at 64 tokens a tile holds half the bytes of a
+16-bit one for the same work per loop step, so a step moves half as much; ``tune_decode`` times
+both at load and keeps the faster (64 until it has run)."""
+_DECODE_TUNED: dict[tuple, int] = {}  # (device index, head tile) -> BLOCK_N of the FP8-KV decode kernel
+
+
+def _block_n(c, device=None) -> int:
+    if c["block_d"] > 128 or c["ieee"]:
+        return 32
+    if c["fp8"] and device is not None:
+        return _DECODE_TUNED.get((device.index, c["block_d"]), 64)
+    return 64
+
+
+def set_decode_block_n(device: torch.device, head_dim: int, block_n: int | None) -> None:
+    """Fixes (or with None forgets) the FP8-KV decode kernel's context tile on ``device`` for
+    heads of ``head_dim`` (tests, ``tune_decode``)."""
+    device = torch.device(device)
+    index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
+    key = (index, max(16, _pow2(head_dim)))
+    if block_n is None:
+        _DECODE_TUNED.pop(key, None)
+        return
+    if block_n not in DECODE_BLOCK_N_FP8:
+        raise ValueError(f"decode BLOCK_N {block_n} is not one of {DECODE_BLOCK_N_FP8}")
+    _DECODE_TUNED[key] = block_n
+
+
+def decode_tuned_table() -> dict:
+    """``{"device:head_tile": BLOCK_N}`` chosen so far (records and logs)."""
+    return {f"{d}:{h}": n for (d, h), n in _DECODE_TUNED.items()}
+
+
+def tune_decode(k_cache, v_cache, k_scale, v_scale, num_q_heads: int, dtype: torch.dtype, *, batch: int = 64,
+                context: int = 2048, reps: int = 10) -> dict | None:
+    """Times the FP8-KV decode kernel with each ``DECODE_BLOCK_N_FP8`` tile over ``batch``
+    sequences of ``context`` tokens in distinct blocks of this (e4m3) cache (scaled down to the
+    blocks it has; what the blocks hold does not matter for the time), keeps the faster for later
+    launches, and returns ``{BLOCK_N: microseconds}``. None (nothing chosen) off a GPU or for a
+    16-bit cache. Run before CUDA graphs are captured: graphs keep the tile they were taken with."""
+    if not (k_cache.is_cuda and k_cache.dtype == KV_FP8_DTYPE):
+        return None
+    from types import SimpleNamespace
+
+    nb, bs, hk, d = k_cache.shape
+    per_seq = max(1, min(_cdiv(context, bs), nb // max(1, batch)))
+    batch = max(1, min(batch, nb // per_seq))
+    ctx = per_seq * bs
+    dev = k_cache.device
+    tables = torch.arange(batch * per_seq, dtype=torch.int32, device=dev).view(batch, per_seq)
+    meta = SimpleNamespace(
+        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device=dev),
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=dev),
+        block_tables=tables, max_seq_len=ctx, sliding_window=None,
+    )
+    q = torch.randn((batch, num_q_heads, d), dtype=dtype, device=dev)
+    out = torch.empty_like(q)
+    key = (dev.index, max(16, _pow2(d)))
+    before = _DECODE_TUNED.get(key)
+    times, failed = {}, {}
+    for bn in DECODE_BLOCK_N_FP8:
+        _DECODE_TUNED[key] = bn
+        try:
+            for _ in range(2):
+                launch_decode(q, k_cache, v_cache, out, meta, d ** -0.5, k_scale=k_scale, v_scale=v_scale)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                launch_decode(q, k_cache, v_cache, out, meta, d ** -0.5, k_scale=k_scale, v_scale=v_scale)
+            end.record()
+            end.synchronize()
+            times[bn] = start.elapsed_time(end) * 1000 / reps
+        except Exception as e:  # noqa: BLE001 - a tile this GPU cannot run (resources) is not chosen
+            failed[bn] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not times:
+        if before is None:
+            _DECODE_TUNED.pop(key, None)
+        else:
+            _DECODE_TUNED[key] = before
+        raise RuntimeError(f"no FP8-KV decode tile runs on this GPU: {failed}")
+    _DECODE_TUNED[key] = min(times, key=times.get)
+    return dict(times, **{f"failed_{bn}": msg for bn, msg in failed.items()})
 
 
 def launch_decode(q, k_cache, v_cache, out, meta, scale, num_splits=None, *, k_scale=None, v_scale=None):
@@ -404,7 +485,7 @@ def launch_decode(q, k_cache, v_cache, out, meta, scale, num_splits=None, *, k_s
     bs, hk = k_cache.shape[1], k_cache.shape[2]
     group = hq // hk
     q, c = _attn_common(q, k_cache, v_cache, k_scale, v_scale)
-    block_n = _block_n(c)
+    block_n = _block_n(c, q.device)
     min_part = 4 * block_n
     window = meta.sliding_window
     if num_splits is None:

@@ -226,6 +226,7 @@ def load_local(
     kv = KVCache(len(ls.layers), nb, b.tokens_per_block, ls.num_kv_heads, ls.head_dim, dtype, dev)
     eos = list(config.tokenizer.eos_token_ids or config.model.eos_token_id)
     runner = ModelRunner(model, kv, mnt, mbs, eos_token_ids=eos, seed=seed)
+    runner.tune_attention()
     if dev.type == "cuda" and not os.environ.get("KILN_EAGER"):
         runner.enable_cuda_graphs(b.max_seq_len)
     return LoadedEngine(config, tokenizer, LocalExecutor(runner), nb, mnt, mbs, eos, config.tokenizer.add_bos_token, config.tokenizer.chat_template)

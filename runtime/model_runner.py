@@ -10,6 +10,7 @@ Sequences listed in ``plan.prompt_logprobs`` also have their prompt rows scored
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from kiln.runtime.sampler import Sampler, SampleRow
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.speculative import verify
 from kiln.runtime.transfer import h2d
+
+log = logging.getLogger("kiln.runner")
 
 
 @dataclass
@@ -224,6 +227,28 @@ class ModelRunner:
             sliding_window=self.model.cfg.sliding_window,
         )
         return t, meta
+
+    def tune_attention(self) -> dict | None:
+        """On a GPU with an FP8 KV cache, times the decode attention's context tiles on this
+        cache and keeps the faster (``triton_attention.tune_decode``); before graph capture.
+        Returns ``{BLOCK_N: microseconds}`` or None where there is nothing to choose."""
+        from kiln.kernels import triton_ops
+
+        if self.device.type != "cuda" or not triton_ops.available() or not self.kv.layers:
+            return None
+        from kiln.kernels import triton_attention
+
+        layer = next(iter(self.model.model.layers.values()))
+        attn = layer.self_attn
+        if attn.k_scale is None:
+            return None
+        k_cache, v_cache = self.kv.layers[0]
+        times = triton_attention.tune_decode(k_cache, v_cache, attn.k_scale, attn.v_scale, attn.nh, self.model.dtype)
+        if times:
+            log.info("event=decode_attention_tuned times_us=%s chosen=%s",
+                     {k: round(v, 1) if isinstance(v, float) else v for k, v in times.items()},
+                     triton_attention.decode_tuned_table())
+        return times
 
     def enable_cuda_graphs(self, max_seq_len: int) -> None:
         """Captures decode graphs for batch buckets up to max_batch_size (one pipeline stage only)."""

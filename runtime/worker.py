@@ -105,6 +105,7 @@ class Worker:
         kv = KVCache(len(ls.layers), num_blocks, b.tokens_per_block, ls.num_kv_heads, ls.head_dim,
                      kv_cache_dtype(self.config), self.device)
         self.runner = ModelRunner(self.model, kv, max_num_tokens, max_batch_size, eos_token_ids=eos, seed=seed)
+        self.runner.tune_attention()
         if self.device.type == "cuda" and not os.environ.get("KILN_EAGER"):
             self.runner.enable_cuda_graphs(b.max_seq_len)
 

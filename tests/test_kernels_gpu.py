@@ -168,6 +168,30 @@ def test_decode_float32():
     _check_attn(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("block_n", attn_ops.DECODE_BLOCK_N_FP8)
+@pytest.mark.parametrize("splits", [None, 1, 7])
+def test_decode_fp8_each_tile(block_n, splits):
+    case = make_paged_case([1, 3999, 250, 1024, 64], [1] * 5, 32, 8, 128, 16, BF, DEV, seed=23, cache_dtype=F8)
+    attn_ops.set_decode_block_n(torch.device(DEV), 128, block_n)
+    try:
+        out, ref = _run_fp8(case, num_splits=splits)
+    finally:
+        attn_ops.set_decode_block_n(torch.device(DEV), 128, None)
+    _check_attn(out, ref, BF)
+
+
+def test_tune_decode_keeps_the_faster_tile():
+    case = make_paged_case([16], [1], 32, 8, 128, 16, BF, DEV, seed=24, cache_dtype=F8)
+    k = torch.empty((9000, 16, 8, 128), dtype=F8, device=DEV)
+    try:
+        times = attn_ops.tune_decode(k, k.clone(), case.k_scale, case.v_scale, 32, BF)
+        ran = {bn: t for bn, t in times.items() if isinstance(bn, int)}
+        assert set(ran) == set(attn_ops.DECODE_BLOCK_N_FP8), times
+        assert attn_ops.decode_tuned_table()[f"{torch.cuda.current_device()}:128"] == min(ran, key=ran.get)
+    finally:
+        attn_ops.set_decode_block_n(torch.device(DEV), 128, None)
+
+
 @pytest.mark.parametrize("window", [1, 128, 1000])
 @pytest.mark.parametrize("hq,hk,d", [(32, 8, 128), (8, 1, 64)])
 def test_decode_sliding_window(hq, hk, d, window):
