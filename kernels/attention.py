@@ -179,6 +179,43 @@ def _decode_batch_ref(q, k_cache, v_cache, meta: AttentionMetadata, rows: list[i
     return o.squeeze(2)
 
 
+_BATCH_ELEMS = 1 << 24
+"""Score elements (sequences x query heads x query rows x keys) one padded prefill batch of the
+reference holds at most; longer prompts run one sequence at a time."""
+
+
+def _prefill_batch_ref(q, k_cache, v_cache, meta: AttentionMetadata, items: list[tuple[int, int, int, int]],
+                       scale: float, k_scale=None, v_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several multi-token queries at once, padded and masked: ``items`` are (first row, sequence,
+    query length, context length). Returns (rows [R], outputs [R, Hq, D])."""
+    bs = k_cache.shape[1]
+    dev = q.device
+    b = len(items)
+    lq = max(it[2] for it in items)
+    ls = max(it[3] for it in items)
+    nblk = (ls + bs - 1) // bs
+    qlen = torch.tensor([it[2] for it in items], device=dev)
+    slen = torch.tensor([it[3] for it in items], device=dev)
+    first = torch.tensor([it[0] for it in items], device=dev)
+    j = torch.arange(lq, device=dev)
+    valid = j[None, :] < qlen[:, None]  # [B, Lq]
+    rows = torch.where(valid, first[:, None] + j[None, :], first[:, None])
+    qb = q.index_select(0, rows.flatten()).view(b, lq, q.shape[1], q.shape[2]).transpose(1, 2)
+    tables = meta.block_tables.index_select(0, torch.tensor([it[1] for it in items], device=dev))[:, :nblk].long()
+    k = _bytes(k_cache)[tables].view(k_cache.dtype).reshape(b, nblk * bs, *k_cache.shape[2:])[:, :ls]
+    v = _bytes(v_cache)[tables].view(v_cache.dtype).reshape(b, nblk * bs, *v_cache.shape[2:])[:, :ls]
+    k, v = _read(k, k_scale, q.dtype), _read(v, v_scale, q.dtype)
+    qpos = slen[:, None] - qlen[:, None] + j[None, :]  # [B, Lq]
+    kpos = torch.arange(ls, device=dev)
+    mask = kpos[None, None, :] <= qpos[:, :, None]
+    if meta.sliding_window is not None:
+        mask &= kpos[None, None, :] > qpos[:, :, None] - meta.sliding_window
+    mask |= ~valid[:, :, None] & (kpos == 0)[None, None, :]  # padded rows see one key (no NaN), then are dropped
+    o = F.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale,
+                                       enable_gqa=q.shape[1] != k_cache.shape[2])
+    return rows[valid], o.transpose(1, 2)[valid]
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -189,13 +226,22 @@ def paged_attention_ref(
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] against each sequence's cached context; returns [T, Hq, D].
-    Single-token queries (decodes) are batched together; longer ones run one sequence at a time.
+    Single-token queries (decodes) are batched together, short multi-token ones in padded groups,
+    long prompts one sequence at a time.
     Keys and values are read in q's dtype (an e4m3 cache's through ``dequantize_kv``)."""
     kv_cache_is_fp8(k_cache, v_cache, k_scale, v_scale)
     out = torch.empty_like(q)
     hq, hk = q.shape[1], k_cache.shape[2]
     dec_rows, dec_seqs = [], []
+    group: list[tuple[int, int, int, int]] = []
     start = 0
+
+    def run_group():
+        if group:
+            rows, o = _prefill_batch_ref(q, k_cache, v_cache, meta, group, scale, k_scale, v_scale)
+            out[rows] = o
+            group.clear()
+
     for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if qlen == 1:
             dec_rows.append(start)
@@ -203,6 +249,14 @@ def paged_attention_ref(
             start += 1
             continue
         if qlen == 0:
+            continue
+        if qlen * slen * hq <= _BATCH_ELEMS:  # short prompts share one padded product
+            lq = max([qlen] + [g[2] for g in group])
+            ls = max([slen] + [g[3] for g in group])
+            if (len(group) + 1) * hq * lq * ls > _BATCH_ELEMS:
+                run_group()
+            group.append((start, i, qlen, slen))
+            start += qlen
             continue
         table = meta.block_tables[i]
         k = _read(gather_kv(k_cache, table, slen), k_scale, q.dtype)
@@ -221,6 +275,7 @@ def paged_attention_ref(
         )
         out[start : start + qlen] = o.transpose(0, 1)
         start += qlen
+    run_group()
     if dec_rows:
         out[torch.tensor(dec_rows, device=q.device)] = _decode_batch_ref(
             q, k_cache, v_cache, meta, dec_rows, dec_seqs, scale, k_scale, v_scale

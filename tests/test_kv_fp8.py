@@ -325,3 +325,23 @@ def test_fp8_capacity_is_twice_bfloat16(monkeypatch):
     cap_f8 = memory_block_capacity(32, 8, 128, 16, F8, "cpu")
     assert cap_bf == 1000 and cap_f8 == 2000
     assert math.isclose(cap_f8 * f8, cap_bf * bf)
+
+
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+@pytest.mark.parametrize("window", [None, 20])
+def test_reference_prefill_groups_equal_one_sequence_at_a_time(cache, window, monkeypatch):
+    """The CPU reference runs short multi-token queries as padded groups: the same numbers as
+    the loop over sequences (decodes, prefill chunks and verification rows mixed in one batch)."""
+    import kiln.kernels.attention as A
+    from kernel_cases import make_paged_case
+
+    lens, qlens = [40, 7, 90, 33, 1, 64, 5], [40, 3, 17, 1, 1, 5, 5]
+    case = make_paged_case(lens, qlens, 4, 2, 32, 16, torch.float32, "cpu", sliding_window=window, seed=9,
+                           cache_dtype=A.KV_FP8_DTYPE if cache == "fp8" else None)
+    grouped = A.paged_attention_ref(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **case.scales)
+    monkeypatch.setattr(A, "_BATCH_ELEMS", 0)  # every multi-token query on its own
+    alone = A.paged_attention_ref(case.q, case.k_cache, case.v_cache, case.meta, case.scale, **case.scales)
+    torch.testing.assert_close(grouped, alone, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(A, "_BATCH_ELEMS", 4 * 3 * 90 * 2)  # groups of a few, split where they would grow past it
+    torch.testing.assert_close(A.paged_attention_ref(case.q, case.k_cache, case.v_cache, case.meta, case.scale,
+                                                     **case.scales), alone, atol=1e-5, rtol=1e-5)

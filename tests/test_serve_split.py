@@ -262,12 +262,18 @@ def test_settle_heap_freezes_what_is_alive():
 
     from kiln.launch.procs import settle_heap
 
+    def collected(objs) -> int:
+        """How many of ``objs`` the collector's three generations hold (frozen ones are in none)."""
+        young = {id(o) for g in range(3) for o in gc.get_objects(generation=g)}
+        return sum(id(x) in young for x in objs)
+
     keep = [[i] for i in range(5000)]
+    assert collected(keep) == len(keep)
     try:
-        n = settle_heap()
-        assert n >= len(keep) and gc.get_freeze_count() == n
+        n = settle_heap()  # objects other threads free later leave the frozen set, so n is an upper bound later
+        assert n >= len(keep) and collected(keep) == 0
         gc.collect()
-        assert gc.get_freeze_count() == n  # a collection leaves the frozen objects where they are
+        assert collected(keep) == 0  # a collection leaves the frozen objects where they are
     finally:
         gc.unfreeze()
-    assert gc.get_freeze_count() == 0 and len(keep) == 5000
+    assert gc.get_freeze_count() == 0 and collected(keep) == len(keep)
