@@ -58,6 +58,20 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+def step_layout(qlens: list[int], tables: list[list[int]]):
+    """The host arrays of a step's metadata: block tables padded with zeros to the longest
+    ([num_seqs, width] int32, width at least 1) and query start offsets ([num_seqs + 1] int32)."""
+    import numpy as np
+
+    width = max((len(x) for x in tables), default=1) or 1
+    bt = np.zeros((len(tables), width), dtype=np.int32)
+    for i, x in enumerate(tables):
+        bt[i, : len(x)] = x
+    qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
+    np.cumsum(qlens, out=qsl[1:])
+    return bt, qsl
+
+
 KV_FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 MIN_KV_SCALE = 1e-12

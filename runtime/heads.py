@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.kernels.attention import AttentionMetadata
+from kiln.kernels.attention import AttentionMetadata, step_layout
 from kiln.kernels.norm import add_rms_norm
 from kiln.kernels.rotary import cos_sin_cache
 from kiln.runtime.transfer import h2d
@@ -409,15 +409,8 @@ class EagleProposer:
         return torch.stack(last)
 
     def _forward(self, ids, pos, slots, qlens, slens, tables, feats) -> torch.Tensor:
-        import numpy as np
-
         dev = self.device
-        width = max(len(x) for x in tables) or 1
-        bt = np.zeros((len(tables), width), dtype=np.int32)
-        for i, x in enumerate(tables):
-            bt[i, : len(x)] = x
-        qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
-        np.cumsum(qlens, out=qsl[1:])
+        bt, qsl = step_layout(qlens, tables)
         meta = AttentionMetadata(
             query_start_loc=h2d(qsl, torch.int32, dev), seq_lens=h2d(slens, torch.int32, dev),
             block_tables=h2d(bt, torch.int32, dev), slot_mapping=h2d(slots, torch.long, dev),

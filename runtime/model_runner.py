@@ -14,10 +14,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from kiln.kernels.attention import AttentionMetadata
+from kiln.kernels.attention import AttentionMetadata, step_layout
 from kiln.runtime.kv_cache import KVCache
 from kiln.runtime.model import DecoderModel
 from kiln.runtime.plan import SampledToken, StepPlan, StepResult, params_from_wire
@@ -209,12 +208,7 @@ class ModelRunner:
         self.input_ids[o : o + t].copy_(h2d(ids, torch.long, dev), non_blocking=True)
         self.positions[o : o + t].copy_(h2d(pos, torch.long, dev), non_blocking=True)
         self.slot_mapping[o : o + t].copy_(h2d(slots, torch.long, dev), non_blocking=True)
-        width = max((len(x) for x in tables), default=1) or 1
-        bt = np.zeros((len(tables), width), dtype=np.int32)
-        for i, x in enumerate(tables):
-            bt[i, : len(x)] = x
-        qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
-        np.cumsum(qlens, out=qsl[1:])
+        bt, qsl = step_layout(qlens, tables)
         meta = AttentionMetadata(
             query_start_loc=h2d(qsl, torch.int32, dev),
             seq_lens=h2d(slens, torch.int32, dev),
