@@ -160,10 +160,21 @@ def _split_len(span, num_splits, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr):
 
 @_jit
 def _load_kv_tile(cache_ptr, row_ptr, pos, n_mask, kvh, c0, c1, c2, offs_d, d_mask,
-                  BLOCK_SIZE: tl.constexpr):
+                  BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr):
     blk = tl.load(row_ptr + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     off = blk * c0 + (pos % BLOCK_SIZE) * c1 + kvh * c2
-    return tl.load(cache_ptr + off[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    return tl.load(cache_ptr + off[:, None] + offs_d[None, :], mask=_row_mask(n_mask, d_mask, EVEN_D), other=0.0)
+
+
+@_jit
+def _row_mask(rows, d_mask, EVEN_D: tl.constexpr):
+    """The mask of a [rows, BLOCK_D] tile. With EVEN_D (head_dim == BLOCK_D) only the rows
+    mask, constant along each row, so the loads and stores move 16 bytes per instruction instead
+    of one element (a runtime column bound defeats vectorisation)."""
+    if EVEN_D:
+        return rows[:, None]
+    else:
+        return rows[:, None] & d_mask[None, :]
 
 
 @_jit_runtime_ints("num_splits", "s_bt")
@@ -172,7 +183,7 @@ def _decode_kernel(
     sq0, sq1, so0, so1, sk0, sk1, sk2, sv0, sv1, sv2, s_bt,
     scale_log2, window, group, n_q_heads, head_dim, num_splits, BLOCK_SIZE: tl.constexpr, DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MIN_PART: tl.constexpr,
-    KV_FP8: tl.constexpr = False, PDL: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False, EVEN_D: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     _gdc_enter(PDL)
     b = tl.program_id(0)
@@ -201,7 +212,7 @@ def _decode_kernel(
     heads = kvh * group + offs_g
     q_row = q_row.to(tl.int64)
     q = tl.load(q_ptr + q_row * sq0 + heads[:, None] * sq1 + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=_row_mask(g_mask, d_mask, EVEN_D), other=0.0)
     if KV_FP8 and q.dtype == tl.bfloat16:
         # E4M3 tiles widen to float16 in one packed conversion (to bfloat16 it takes three);
         # bfloat16 q is exact in float16 within its normal range, and the clamp keeps it finite.
@@ -213,7 +224,7 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         n_mask = pos < end
-        k = _load_kv_tile(kc_ptr, bt_row, pos, n_mask, kvh, sk0, sk1, sk2, offs_d, d_mask, BLOCK_SIZE)
+        k = _load_kv_tile(kc_ptr, bt_row, pos, n_mask, kvh, sk0, sk1, sk2, offs_d, d_mask, BLOCK_SIZE, EVEN_D)
         k = k.to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -224,7 +235,7 @@ def _decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(vc_ptr, bt_row, pos, n_mask, kvh, sv0, sv1, sv2, offs_d, d_mask, BLOCK_SIZE)
+        v = _load_kv_tile(vc_ptr, bt_row, pos, n_mask, kvh, sv0, sv1, sv2, offs_d, d_mask, BLOCK_SIZE, EVEN_D)
         v = v.to(q.dtype)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -236,7 +247,7 @@ def _decode_kernel(
     o = acc / l_i[:, None]
     if KV_FP8:
         o = o * tl.load(vs_ptr)
-    st_mask = g_mask[:, None] & d_mask[None, :]
+    st_mask = _row_mask(g_mask, d_mask, EVEN_D)
     if DIRECT:
         dst = out_ptr + q_row * so0 + heads[:, None] * so1 + offs_d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=st_mask)
@@ -285,7 +296,7 @@ def _prefill_kernel(
     scale_log2, window, group, head_dim, BLOCK_SIZE: tl.constexpr,
     SKIP_DECODES: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, G_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    KV_FP8: tl.constexpr = False, PDL: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False, EVEN_D: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     _gdc_enter(PDL)
     BLOCK_Q: tl.constexpr = BLOCK_M // G_P2
@@ -314,7 +325,7 @@ def _prefill_kernel(
     heads = kvh * group + g
     rows = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * sq0 + heads[:, None] * sq1 + offs_d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=_row_mask(row_mask, d_mask, EVEN_D), other=0.0)
     qpos = ctx + tok
 
     hi = tl.minimum(seq_len, ctx + tl.minimum((tile + 1) * BLOCK_Q, q_len))
@@ -330,7 +341,7 @@ def _prefill_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + offs_n
         n_mask = pos < hi
-        k = _load_kv_tile(kc_ptr, bt_row, pos, n_mask, kvh, sk0, sk1, sk2, offs_d, d_mask, BLOCK_SIZE)
+        k = _load_kv_tile(kc_ptr, bt_row, pos, n_mask, kvh, sk0, sk1, sk2, offs_d, d_mask, BLOCK_SIZE, EVEN_D)
         k = k.to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -345,7 +356,7 @@ def _prefill_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(vc_ptr, bt_row, pos, n_mask, kvh, sv0, sv1, sv2, offs_d, d_mask, BLOCK_SIZE)
+        v = _load_kv_tile(vc_ptr, bt_row, pos, n_mask, kvh, sv0, sv1, sv2, offs_d, d_mask, BLOCK_SIZE, EVEN_D)
         v = v.to(q.dtype)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -359,7 +370,7 @@ def _prefill_kernel(
     if KV_FP8:
         o = o * tl.load(vs_ptr)
     dst = out_ptr + rows[:, None] * so0 + heads[:, None] * so1 + offs_d[None, :]
-    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=_row_mask(row_mask, d_mask, EVEN_D))
 
 
 _MAX_SPLITS = 64
@@ -388,51 +399,61 @@ def _attn_common(q, k_cache, v_cache, k_scale, v_scale):
         sk=(k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
         sv=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
         block_d=max(16, _pow2(d)),
+        even_d=max(16, _pow2(d)) == d,
         ieee=q.dtype == torch.float32,
         fp8=fp8,
     )
 
 
-DECODE_BLOCK_N_FP8 = (64, 128)
-"""Context tiles the FP8-KV decode kernel may take: at 64 tokens a tile holds half the bytes of a
-16-bit one for the same work per loop step, so a step moves half as much; ``tune_decode`` times
-both at load and keeps the faster (64 until it has run)."""
-_DECODE_TUNED: dict[tuple, int] = {}  # (device index, head tile) -> BLOCK_N of the FP8-KV decode kernel
+DECODE_CONFIGS_FP8 = ((64, 4), (128, 4), (128, 8), (256, 8))
+"""(context tile, warps) the FP8-KV decode kernel may take. Its time at a large batch goes to the
+per-loop-step work (block-table gather, softmax of the padded query-head tile, conversions)
+more than to the bytes (at 64 tokens it took as long as the 16-bit kernel reading twice the
+bytes), so longer tiles do fewer steps; which is fastest depends on the GPU, so ``tune_decode``
+times each at load and keeps the fastest ((64, 4) until it has run)."""
+_DECODE_TUNED: dict[tuple, tuple[int, int]] = {}  # (device index, head tile) -> (BLOCK_N, warps), FP8-KV decode
 
 
-def _block_n(c, device=None) -> int:
+def _decode_config(c, device=None) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the decode kernel."""
     if c["block_d"] > 128 or c["ieee"]:
-        return 32
+        return 32, 4
     if c["fp8"] and device is not None:
-        return _DECODE_TUNED.get((device.index, c["block_d"]), 64)
-    return 64
+        return _DECODE_TUNED.get((device.index, c["block_d"]), (64, 4))
+    return 64, 4
 
 
-def set_decode_block_n(device: torch.device, head_dim: int, block_n: int | None) -> None:
-    """Fixes (or with None forgets) the FP8-KV decode kernel's context tile on ``device`` for
-    heads of ``head_dim`` (tests, ``tune_decode``)."""
+def _block_n(c) -> int:
+    """The context tile of the prefill kernel."""
+    return 32 if c["block_d"] > 128 or c["ieee"] else 64
+
+
+def set_decode_config(device: torch.device, head_dim: int, config: tuple[int, int] | None) -> None:
+    """Fixes (or with None forgets) the FP8-KV decode kernel's (context tile, warps) on
+    ``device`` for heads of ``head_dim`` (tests, ``tune_decode``)."""
     device = torch.device(device)
     index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
     key = (index, max(16, _pow2(head_dim)))
-    if block_n is None:
+    if config is None:
         _DECODE_TUNED.pop(key, None)
         return
-    if block_n not in DECODE_BLOCK_N_FP8:
-        raise ValueError(f"decode BLOCK_N {block_n} is not one of {DECODE_BLOCK_N_FP8}")
-    _DECODE_TUNED[key] = block_n
+    config = tuple(config)
+    if config not in DECODE_CONFIGS_FP8:
+        raise ValueError(f"decode config {config} is not one of {DECODE_CONFIGS_FP8}")
+    _DECODE_TUNED[key] = config
 
 
 def decode_tuned_table() -> dict:
-    """``{"device:head_tile": BLOCK_N}`` chosen so far (records and logs)."""
-    return {f"{d}:{h}": n for (d, h), n in _DECODE_TUNED.items()}
+    """``{"device:head_tile": "BLOCK_Nxwarps"}`` chosen so far (records and logs)."""
+    return {f"{d}:{h}": f"{n}x{w}" for (d, h), (n, w) in _DECODE_TUNED.items()}
 
 
-def tune_decode(k_cache, v_cache, k_scale, v_scale, num_q_heads: int, dtype: torch.dtype, *, batch: int = 64,
-                context: int = 2048, reps: int = 10) -> dict | None:
-    """Times the FP8-KV decode kernel with each ``DECODE_BLOCK_N_FP8`` tile over ``batch``
+def tune_decode(k_cache, v_cache, k_scale, v_scale, num_q_heads: int, dtype: torch.dtype, *, batch: int = 256,
+                context: int = 1024, reps: int = 10) -> dict | None:
+    """Times the FP8-KV decode kernel with each of ``DECODE_CONFIGS_FP8`` over ``batch``
     sequences of ``context`` tokens in distinct blocks of this (e4m3) cache (scaled down to the
-    blocks it has; what the blocks hold does not matter for the time), keeps the faster for later
-    launches, and returns ``{BLOCK_N: microseconds}``. None (nothing chosen) off a GPU or for a
+    blocks it has; what the blocks hold does not matter for the time), keeps the fastest for
+    later launches, and returns ``{"BLOCK_Nxwarps": microseconds}``. None (nothing chosen) off a GPU or for a
     16-bit cache. Run before CUDA graphs are captured: graphs keep the tile they were taken with."""
     if not (k_cache.is_cuda and k_cache.dtype == KV_FP8_DTYPE):
         return None
@@ -454,8 +475,9 @@ def tune_decode(k_cache, v_cache, k_scale, v_scale, num_q_heads: int, dtype: tor
     key = (dev.index, max(16, _pow2(d)))
     before = _DECODE_TUNED.get(key)
     times, failed = {}, {}
-    for bn in DECODE_BLOCK_N_FP8:
-        _DECODE_TUNED[key] = bn
+    for cfg in DECODE_CONFIGS_FP8:
+        name = f"{cfg[0]}x{cfg[1]}"
+        _DECODE_TUNED[key] = cfg
         try:
             for _ in range(2):
                 launch_decode(q, k_cache, v_cache, out, meta, d ** -0.5, k_scale=k_scale, v_scale=v_scale)
@@ -465,17 +487,18 @@ def tune_decode(k_cache, v_cache, k_scale, v_scale, num_q_heads: int, dtype: tor
                 launch_decode(q, k_cache, v_cache, out, meta, d ** -0.5, k_scale=k_scale, v_scale=v_scale)
             end.record()
             end.synchronize()
-            times[bn] = start.elapsed_time(end) * 1000 / reps
-        except Exception as e:  # noqa: BLE001 - a tile this GPU cannot run (resources) is not chosen
-            failed[bn] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            times[cfg] = start.elapsed_time(end) * 1000 / reps
+        except Exception as e:  # noqa: BLE001 - a config this GPU cannot run (resources) is not chosen
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not times:
         if before is None:
             _DECODE_TUNED.pop(key, None)
         else:
             _DECODE_TUNED[key] = before
-        raise RuntimeError(f"no FP8-KV decode tile runs on this GPU: {failed}")
+        raise RuntimeError(f"no FP8-KV decode config runs on this GPU: {failed}")
     _DECODE_TUNED[key] = min(times, key=times.get)
-    return dict(times, **{f"failed_{bn}": msg for bn, msg in failed.items()})
+    out = {f"{n}x{w}": round(t, 2) for (n, w), t in times.items()}
+    return dict(out, **{f"failed_{name}": msg for name, msg in failed.items()})
 
 
 def launch_decode(q, k_cache, v_cache, out, meta, scale, num_splits=None, *, k_scale=None, v_scale=None):
@@ -485,7 +508,7 @@ def launch_decode(q, k_cache, v_cache, out, meta, scale, num_splits=None, *, k_s
     bs, hk = k_cache.shape[1], k_cache.shape[2]
     group = hq // hk
     q, c = _attn_common(q, k_cache, v_cache, k_scale, v_scale)
-    block_n = _block_n(c, q.device)
+    block_n, warps = _decode_config(c, q.device)
     min_part = 4 * block_n
     window = meta.sliding_window
     if num_splits is None:
@@ -502,7 +525,7 @@ def launch_decode(q, k_cache, v_cache, out, meta, scale, num_splits=None, *, k_s
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *c["sk"], *c["sv"], bt.stride(0),
         float(scale) * _LOG2E, int(window or 0), group, hq, d, num_splits, BLOCK_SIZE=bs, DIRECT=direct, HAS_WINDOW=window is not None, IEEE=c["ieee"],
         BLOCK_G=max(16, _pow2(group)), BLOCK_N=block_n, BLOCK_D=c["block_d"], MIN_PART=min_part,
-        KV_FP8=c["fp8"], num_warps=4, **launch_opts(q),
+        KV_FP8=c["fp8"], EVEN_D=c["even_d"], num_warps=warps, **launch_opts(q),
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, hq)](
@@ -536,7 +559,7 @@ def launch_prefill(q, k_cache, v_cache, out, meta, scale, skip_decodes=True, blo
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *c["sk"], *c["sv"], bt.stride(0),
         float(scale) * _LOG2E, int(window or 0), group, d, BLOCK_SIZE=bs,
         SKIP_DECODES=skip_decodes, HAS_WINDOW=window is not None, IEEE=c["ieee"],
-        BLOCK_M=block_m, G_P2=g_p2, BLOCK_N=block_n, BLOCK_D=c["block_d"], KV_FP8=c["fp8"],
+        BLOCK_M=block_m, G_P2=g_p2, BLOCK_N=block_n, BLOCK_D=c["block_d"], KV_FP8=c["fp8"], EVEN_D=c["even_d"],
         num_warps=8 if block_m * c["block_d"] >= 128 * 128 else 4, **launch_opts(q),
     )
     return out

@@ -223,9 +223,10 @@ class ModelRunner:
         return t, meta
 
     def tune_attention(self) -> dict | None:
-        """On a GPU with an FP8 KV cache, times the decode attention's context tiles on this
-        cache and keeps the faster (``triton_attention.tune_decode``); before graph capture.
-        Returns ``{BLOCK_N: microseconds}`` or None where there is nothing to choose."""
+        """On a GPU with an FP8 KV cache, times the decode attention's (context tile, warps)
+        configs on this cache and keeps the fastest (``triton_attention.tune_decode``); before
+        graph capture. Returns ``{"BLOCK_Nxwarps": microseconds}`` or None where there is
+        nothing to choose."""
         from kiln.kernels import triton_ops
 
         if self.device.type != "cuda" or not triton_ops.available() or not self.kv.layers:

@@ -168,15 +168,15 @@ def test_decode_float32():
     _check_attn(out, ref, torch.float32)
 
 
-@pytest.mark.parametrize("block_n", attn_ops.DECODE_BLOCK_N_FP8)
+@pytest.mark.parametrize("config", attn_ops.DECODE_CONFIGS_FP8)
 @pytest.mark.parametrize("splits", [None, 1, 7])
-def test_decode_fp8_each_tile(block_n, splits):
+def test_decode_fp8_each_tile(config, splits):
     case = make_paged_case([1, 3999, 250, 1024, 64], [1] * 5, 32, 8, 128, 16, BF, DEV, seed=23, cache_dtype=F8)
-    attn_ops.set_decode_block_n(torch.device(DEV), 128, block_n)
+    attn_ops.set_decode_config(torch.device(DEV), 128, config)
     try:
         out, ref = _run_fp8(case, num_splits=splits)
     finally:
-        attn_ops.set_decode_block_n(torch.device(DEV), 128, None)
+        attn_ops.set_decode_config(torch.device(DEV), 128, None)
     _check_attn(out, ref, BF)
 
 
@@ -185,11 +185,11 @@ def test_tune_decode_keeps_the_faster_tile():
     k = torch.empty((9000, 16, 8, 128), dtype=F8, device=DEV)
     try:
         times = attn_ops.tune_decode(k, k.clone(), case.k_scale, case.v_scale, 32, BF)
-        ran = {bn: t for bn, t in times.items() if isinstance(bn, int)}
-        assert set(ran) == set(attn_ops.DECODE_BLOCK_N_FP8), times
+        ran = {name: t for name, t in times.items() if not name.startswith("failed_")}
+        assert set(ran) == {f"{n}x{w}" for n, w in attn_ops.DECODE_CONFIGS_FP8}, times
         assert attn_ops.decode_tuned_table()[f"{torch.cuda.current_device()}:128"] == min(ran, key=ran.get)
     finally:
-        attn_ops.set_decode_block_n(torch.device(DEV), 128, None)
+        attn_ops.set_decode_config(torch.device(DEV), 128, None)
 
 
 @pytest.mark.parametrize("window", [1, 128, 1000])

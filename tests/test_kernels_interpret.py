@@ -302,25 +302,26 @@ def test_decode_fp8(hq, hk, d, bs, splits):
 @in_child
 @pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("hq,hk,d,bs", [(4, 2, 32, 16), (2, 2, 64, 16)])
-def test_decode_fp8_wide_tile(hq, hk, d, bs, splits):
-    """The FP8-KV decode kernel with the 128-token context tile ``tune_decode`` may choose."""
+@pytest.mark.parametrize("config", [(128, 4), (256, 8)])
+def test_decode_fp8_wide_tile(hq, hk, d, bs, splits, config):
+    """The FP8-KV decode kernel with the longer context tiles ``tune_decode`` may choose."""
     from kiln.kernels import triton_attention as ta
 
     case = make_paged_case([1, 37, 700, 129], [1] * 4, hq, hk, d, bs, BF, "cpu", seed=15, cache_dtype=F8)
-    ta.set_decode_block_n(torch.device("cpu"), d, 128)
+    ta.set_decode_config(torch.device("cpu"), d, config)
     try:
-        assert ta._block_n({"block_d": max(16, d), "ieee": False, "fp8": True}, torch.device("cpu")) == 128
+        assert ta._decode_config({"block_d": max(16, d), "ieee": False, "fp8": True}, torch.device("cpu")) == config
         out, ref = _attn(case, num_splits=splits)
     finally:
-        ta.set_decode_block_n(torch.device("cpu"), d, None)
+        ta.set_decode_config(torch.device("cpu"), d, None)
     _close(out, ref, 2e-2)
 
 
 def test_decode_tile_choice_guards():
     from kiln.kernels import triton_attention as ta
 
-    with pytest.raises(ValueError, match="BLOCK_N 96"):
-        ta.set_decode_block_n(torch.device("cpu"), 128, 96)
+    with pytest.raises(ValueError, match=r"config \(96, 4\)"):
+        ta.set_decode_config(torch.device("cpu"), 128, (96, 4))
     case = make_paged_case([40], [1], 4, 2, 32, 16, BF, "cpu", seed=3, cache_dtype=F8)
     assert ta.tune_decode(case.k_cache, case.v_cache, case.k_scale, case.v_scale, 4, BF) is None  # a GPU-only timing
 
