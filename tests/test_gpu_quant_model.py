@@ -47,9 +47,13 @@ def test_quantized_gpu_greedy_equals_cpu_reference(variant, tmp_path):
     engine = LLMEngine(gpu)
     assert engine.executor.runner.graphs is not None
     got = run(engine)
+    bad = []
     for p, r, g in zip(PROMPTS, ref, got):
         for i, (a, b) in enumerate(zip(g.token_ids, r.token_ids)):
             if a != b:
                 lps = sorted((lp.logprob for lp in r.logprobs[i].values()), reverse=True)
-                assert lps[0] - lps[1] < TIE, f"{variant} {p!r}: token {i} differs ({a} vs {b}), gap {lps[0] - lps[1]:.2e}"
+                if lps[0] - lps[1] >= TIE:
+                    bad.append(f"{p!r}: token {i} differs ({a} vs {b}), gap {lps[0] - lps[1]:.2e}; "
+                               f"GPU {g.text!r} CPU {r.text!r}")
                 break
+    assert not bad, f"{variant}: " + "\n".join(bad)

@@ -6,7 +6,11 @@ bias on and off, GPTQ's input permutation, CUDA-graph capture, ``tune`` and ``wa
 Tolerances: every path rounds where the reference does (x to E4M3 with the same scale,
 exact weight values, float32 sums, one cast), so the float32 sums differ only in their order:
 at most ~2^-20 of the sum of the terms' magnitudes, which can flip the final bfloat16 / float16
-rounding by one unit in the last place. ``_check`` allows exactly that.
+rounding by one unit in the last place. ``_check`` allows exactly that. The paths that feed E4M3
+products to the tensor cores (``dot``, ``scaled_mm``) are the exception: Hopper's FP8 MMA adds
+its products in a narrower accumulator before they reach float32 (the kernels promote every
+32 products; cuBLAS splits K the same way), which on these shapes moved sums by up to about
+2^-18 of their magnitude; those paths are held to 2^-16.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ DEV = "cuda"
 BF, FP16, F32 = torch.bfloat16, torch.float16, torch.float32
 MS = [1, 2, 3, 4, 5, 6, 7, 8, 64, 300]
 ULP = {BF: 2.0 ** -7, FP16: 2.0 ** -10, F32: 0.0}  # one unit in the last place, relative (upper bound)
+SUM_REL = 2.0 ** -20  # float32 sums in another order, relative to the sum of the terms' magnitudes
+FP8_MMA_REL = 2.0 ** -16  # E4M3 products summed by the tensor cores (module docstring)
+MMA_KINDS = ("dot", "scaled_mm")
 
 
 @pytest.fixture(autouse=True)
@@ -85,11 +92,11 @@ def _magnitude(op, x, t, input_scale=None):
     return x.float().abs() @ w.t()
 
 
-def _check(y, ref, mag, dtype):
-    """|y - ref| within one ulp of the output dtype at ref plus 2^-20 of the magnitude sum."""
+def _check(y, ref, mag, dtype, rel=SUM_REL):
+    """|y - ref| within one ulp of the output dtype at ref plus ``rel`` of the magnitude sum."""
     assert y.dtype == dtype and y.shape == ref.shape, (y.dtype, y.shape, ref.shape)
     err = (y.float() - ref.float()).abs()
-    allowed = ULP[dtype] * ref.float().abs() + 2.0 ** -20 * mag + 1e-30
+    allowed = ULP[dtype] * ref.float().abs() + rel * mag + 1e-30
     bad = err > allowed
     assert not bad.any(), f"{bad.sum().item()} of {bad.numel()} off; worst {(err - allowed).max().item():.3e}"
 
@@ -171,7 +178,7 @@ def test_path_vs_reference(op, kind, m, dtype):
     mag = _magnitude(op, x, t, xs)
     if b is not None:
         mag = mag + b.float().abs()
-    _check(y, ref, mag, dtype)
+    _check(y, ref, mag, dtype, FP8_MMA_REL if kind in MMA_KINDS else SUM_REL)
 
 
 @pytest.mark.parametrize("m", [1, 3, 64])
@@ -224,7 +231,7 @@ def test_every_dot_config(op, m):
         if glu:
             _check_glu(y, ref, BF)
         else:
-            _check(y, ref, mag, BF)
+            _check(y, ref, mag, BF, FP8_MMA_REL)
 
 
 @pytest.mark.parametrize("dtype", [BF, FP16])
@@ -265,7 +272,9 @@ LLAMA = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 def test_llama_shapes_default_dispatch(op, n, k, m):
     t = _weights(qt.fmt_of(op), n, k, BF, seed=60)
     x = _randn(m, k, seed=61)
-    _check(quant_tune.dispatch(op, x, t), quant_tune.reference(op, x, t), _magnitude(op, x, t), BF)
+    mma = op == "fp8" and m > 4  # the default dispatch's torch._scaled_mm
+    _check(quant_tune.dispatch(op, x, t), quant_tune.reference(op, x, t), _magnitude(op, x, t), BF,
+           FP8_MMA_REL if mma else SUM_REL)
 
 
 def test_scaled_mm_serves_bfloat16_on_hopper():
@@ -343,7 +352,8 @@ def test_tune_then_dispatch_and_capture():
                 if op.endswith("-glu"):
                     _check_glu(y, quant_tune.reference(op, x, t), BF)
                 else:
-                    _check(y, quant_tune.reference(op, x, t), _magnitude(op, x, t), BF)
+                    _check(y, quant_tune.reference(op, x, t), _magnitude(op, x, t), BF,
+                           FP8_MMA_REL if kind in MMA_KINDS else SUM_REL)
         calls = qt.warmup(specs, BF, DEV, max_m=8, bias="both")
         assert calls == 8 * (2 * 3 + 1)
         x1 = _randn(4, 2048, seed=120)
