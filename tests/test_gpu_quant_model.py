@@ -19,6 +19,13 @@ from test_gpu_model import PROMPTS, run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TIE = 0.25
+TIE_FP8_ACT = 0.5
+"""With activations quantized to E4M3 (3 mantissa bits) a one-ulp change in a bfloat16 input can
+move an element by 1/16, so the engine's greedy choices are more sensitive to summation order
+than a 16-bit engine's: the CPU reference itself, rerun with one bfloat16 ulp flipped in a
+quarter of the activations entering each FP8 projection (4 seeds), diverged from its own
+greedy output at top-2 gaps of 0.0625, 0.25 and 0.375 (its bfloat16 logits near 20 move in
+steps of 0.125). A divergence counts as a near-tie for those engines below 0.5."""
 
 VARIANTS = {
     "fp8": dict(quant="fp8"),
@@ -26,6 +33,7 @@ VARIANTS = {
     "int8-weight": dict(quant="int8-weight"),
     "int4-awq": dict(quant="int4-awq"),
 }
+ACT_QUANT = {"fp8", "fp8-static+fp8kv"}
 
 
 def _on(engine: str, dst: str, device_class: str) -> str:
@@ -47,12 +55,13 @@ def test_quantized_gpu_greedy_equals_cpu_reference(variant, tmp_path):
     engine = LLMEngine(gpu)
     assert engine.executor.runner.graphs is not None
     got = run(engine)
+    tie = TIE_FP8_ACT if variant in ACT_QUANT else TIE
     bad = []
     for p, r, g in zip(PROMPTS, ref, got):
         for i, (a, b) in enumerate(zip(g.token_ids, r.token_ids)):
             if a != b:
                 lps = sorted((lp.logprob for lp in r.logprobs[i].values()), reverse=True)
-                if lps[0] - lps[1] >= TIE:
+                if lps[0] - lps[1] >= tie:
                     bad.append(f"{p!r}: token {i} differs ({a} vs {b}), gap {lps[0] - lps[1]:.2e}; "
                                f"GPU {g.text!r} CPU {r.text!r}")
                 break
