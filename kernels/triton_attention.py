@@ -443,6 +443,13 @@ def set_decode_config(device: torch.device, head_dim: int, config: tuple[int, in
     _DECODE_TUNED[key] = config
 
 
+def decode_config_chosen(device: torch.device, head_dim: int) -> bool:
+    """Whether the FP8-KV decode config for heads of ``head_dim`` on ``device`` is already set."""
+    device = torch.device(device)
+    index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
+    return (index, max(16, _pow2(head_dim))) in _DECODE_TUNED
+
+
 def decode_tuned_table() -> dict:
     """``{"device:head_tile": "BLOCK_Nxwarps"}`` chosen so far (records and logs)."""
     return {f"{d}:{h}": f"{n}x{w}" for (d, h), (n, w) in _DECODE_TUNED.items()}

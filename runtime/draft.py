@@ -113,7 +113,7 @@ class DraftProposer:
             model = load_rank(draft_dir, cfg, Mapping(), device)
         except BuildError as e:
             raise DraftEngineError(f"draft engine: {e}") from None
-        tune_for_device(model)
+        tune_for_device(model, draft_dir)
         self.config = cfg
         self.device = device
         self.max_seq_len = cfg.build.max_seq_len

@@ -16,6 +16,7 @@ from kiln.runtime.kv_cache import KVCache, choose_num_blocks, memory_block_capac
 from kiln.runtime.model import DecoderModel
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.safetensors_stream import sha256_file
+from kiln.runtime import tuning
 
 
 class EngineLoadError(BuildError):
@@ -52,14 +53,25 @@ def kv_cache_dtype(config: EngineConfig) -> torch.dtype:
     return torch.float8_e4m3fn if config.build.kv_cache_dtype == "fp8" else TORCH_DTYPES[config.build.dtype]
 
 
-def tune_for_device(model: DecoderModel) -> None:
+def tune_for_device(model: DecoderModel, engine_dir: str | None = None) -> None:
     """Load-time GPU work before the KV cache takes the free memory: the 16-bit GEMV choice per
     projection shape and, for quantized projections, their kernels' choice and compilation
-    (nothing is compiled on a request's path). KILN_EAGER=1 skips it."""
-    if next(model.parameters()).device.type != "cuda" or os.environ.get("KILN_EAGER"):
+    (nothing is compiled on a request's path). Choices an earlier load on this GPU saved in
+    ``engine_dir`` are read back instead of timed again (``kiln.runtime.tuning``).
+    KILN_EAGER=1 skips it."""
+    dev = next(model.parameters()).device
+    if dev.type != "cuda" or os.environ.get("KILN_EAGER"):
         return
+    if engine_dir is not None:
+        tuning.restore(engine_dir, dev)
     model.tune_linears()
     model.prepare_quantized()
+
+
+def save_tuning(engine_dir: str, device: torch.device) -> None:
+    """Writes this load's kernel choices into the engine directory for the next load."""
+    if device.type == "cuda" and not os.environ.get("KILN_EAGER"):
+        tuning.store(engine_dir, device)
 
 
 def verify_files(engine_dir: str, config: EngineConfig, names: list[str]) -> None:
@@ -214,7 +226,7 @@ def load_local(
         verify_files(engine_dir, config, [n for n in config.files if not n.startswith("rank")])
     tokenizer = load_tokenizer(engine_dir, config)
     model = load_rank(engine_dir, config, Mapping(), dev, verify=verify)
-    tune_for_device(model)
+    tune_for_device(model, engine_dir)
     b = config.build
     mnt, mbs = _limits(config, max_num_tokens, max_batch_size)
     ls = model.ls
@@ -227,6 +239,7 @@ def load_local(
     eos = list(config.tokenizer.eos_token_ids or config.model.eos_token_id)
     runner = ModelRunner(model, kv, mnt, mbs, eos_token_ids=eos, seed=seed)
     runner.tune_attention()
+    save_tuning(engine_dir, dev)
     if dev.type == "cuda" and not os.environ.get("KILN_EAGER"):
         runner.enable_cuda_graphs(b.max_seq_len)
     return LoadedEngine(config, tokenizer, LocalExecutor(runner), nb, mnt, mbs, eos, config.tokenizer.add_bos_token, config.tokenizer.chat_template)

@@ -285,7 +285,10 @@ class DecoderModel(nn.Module):
                 glu = name.endswith("gate_up_proj")
                 specs.add((f"{op}-glu" if glu else op, p.out_features, p.in_features) + ((q.group_size,) if op == "int4" else ()))
         specs = sorted(specs)
-        rows = quant_triton.tune(specs, self.dtype, dev, m_values=tune_m)
+        dt = str(self.dtype).removeprefix("torch.")
+        done = {(r["op"], *r["shape"]) for r in quant_triton.tuned_table() if r["dtype"] == dt}
+        todo = [s for s in specs if any((s[0], m, s[1], s[2]) not in done for m in tune_m)]  # not restored
+        rows = quant_triton.tune(todo, self.dtype, dev, m_values=tune_m) if todo else []
         quant_triton.warmup(specs, self.dtype, dev, m_values=warm_m, bias="both" if self.cfg.attention_bias else False)
         torch.cuda.empty_cache()
         return rows

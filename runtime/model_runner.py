@@ -238,6 +238,8 @@ class ModelRunner:
         if attn.k_scale is None:
             return None
         k_cache, v_cache = self.kv.layers[0]
+        if triton_attention.decode_config_chosen(k_cache.device, k_cache.shape[-1]):
+            return None  # restored from the engine's tuning file
         times = triton_attention.tune_decode(k_cache, v_cache, attn.k_scale, attn.v_scale, attn.nh, self.model.dtype)
         if times:
             log.info("event=decode_attention_tuned times_us=%s chosen=%s",

@@ -82,7 +82,8 @@ class Worker:
         self.comm = DistComm(self.mapping, groups)
         self.control = ControlPlane(groups.control, rank)
         self.model = load_rank(engine_dir, self.config, self.mapping, dev, comm=self.comm, verify=verify)
-        tune_for_device(self.model)
+        tune_for_device(self.model, engine_dir)
+        self.engine_dir = engine_dir
         self.runner: ModelRunner | None = None
 
     @property
@@ -106,6 +107,9 @@ class Worker:
                      kv_cache_dtype(self.config), self.device)
         self.runner = ModelRunner(self.model, kv, max_num_tokens, max_batch_size, eos_token_ids=eos, seed=seed)
         self.runner.tune_attention()
+        from kiln.runtime.loader import save_tuning
+
+        save_tuning(self.engine_dir, self.device)
         if self.device.type == "cuda" and not os.environ.get("KILN_EAGER"):
             self.runner.enable_cuda_graphs(b.max_seq_len)
 
