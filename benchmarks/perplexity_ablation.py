@@ -129,7 +129,7 @@ class Ablation:
 
         linear.Projection.forward, linear.Projection.silu_mul = forward, silu_mul
         self.llm = LLM(engine, device="cpu")
-        root = _find_model(self.llm)
+        root = self.llm.engine.executor.runner.model  # the in-process CPU engine's model
         self.projs = {n: m for n, m in root.named_modules() if isinstance(m, linear.Projection)}
         for name, mod in self.projs.items():
             mod._ablation_name = name
@@ -150,23 +150,6 @@ class Ablation:
     def close(self):
         self.llm.shutdown()
         self.linear.Projection.forward, self.linear.Projection.silu_mul = self.orig
-
-
-def _find_model(llm):
-    from kiln.runtime.model import DecoderModel
-
-    seen, todo = set(), [llm]
-    while todo:
-        obj = todo.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, DecoderModel):
-            return obj
-        for v in getattr(obj, "__dict__", {}).values():
-            if hasattr(v, "__dict__") and not isinstance(v, (torch.Tensor, type)):
-                todo.append(v)
-    raise RuntimeError("no DecoderModel under the LLM")
 
 
 def main() -> None:
