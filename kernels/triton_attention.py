@@ -168,9 +168,8 @@ def _load_kv_tile(cache_ptr, row_ptr, pos, n_mask, kvh, c0, c1, c2, offs_d, d_ma
 
 @_jit
 def _row_mask(rows, d_mask, EVEN_D: tl.constexpr):
-    """The mask of a [rows, BLOCK_D] tile. With EVEN_D (head_dim == BLOCK_D) only the rows
-    mask, constant along each row, so the loads and stores move 16 bytes per instruction instead
-    of one element (a runtime column bound defeats vectorisation)."""
+    """The mask of a [rows, BLOCK_D] tile: with EVEN_D (head_dim == BLOCK_D) the rows mask alone,
+    constant along each row, without the comparison against the runtime head_dim."""
     if EVEN_D:
         return rows[:, None]
     else:
@@ -414,26 +413,28 @@ load and keeps the fastest ((64, 4) until it has run)."""
 _DECODE_TUNED: dict[tuple, tuple[int, int]] = {}  # (device index, head tile) -> (BLOCK_N, warps), FP8-KV decode
 
 
-def _decode_config(c, device=None) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) of the decode kernel."""
-    if c["block_d"] > 128 or c["ieee"]:
-        return 32, 4
-    if c["fp8"] and device is not None:
-        return _DECODE_TUNED.get((device.index, c["block_d"]), (64, 4))
-    return 64, 4
-
-
 def _block_n(c) -> int:
-    """The context tile of the prefill kernel."""
+    """The context tile of the prefill kernel and of the 16-bit decode kernel."""
     return 32 if c["block_d"] > 128 or c["ieee"] else 64
+
+
+def _decode_config(c, device=None) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the decode kernel: the tuned one for an FP8 cache where set."""
+    if c["fp8"] and device is not None and _block_n(c) == 64:
+        return _DECODE_TUNED.get((device.index, c["block_d"]), (64, 4))
+    return _block_n(c), 4
+
+
+def _tuned_key(device, head_dim: int) -> tuple:
+    device = torch.device(device)
+    index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
+    return index, max(16, _pow2(head_dim))
 
 
 def set_decode_config(device: torch.device, head_dim: int, config: tuple[int, int] | None) -> None:
     """Fixes (or with None forgets) the FP8-KV decode kernel's (context tile, warps) on
     ``device`` for heads of ``head_dim`` (tests, ``tune_decode``)."""
-    device = torch.device(device)
-    index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
-    key = (index, max(16, _pow2(head_dim)))
+    key = _tuned_key(device, head_dim)
     if config is None:
         _DECODE_TUNED.pop(key, None)
         return
@@ -445,9 +446,7 @@ def set_decode_config(device: torch.device, head_dim: int, config: tuple[int, in
 
 def decode_config_chosen(device: torch.device, head_dim: int) -> bool:
     """Whether the FP8-KV decode config for heads of ``head_dim`` on ``device`` is already set."""
-    device = torch.device(device)
-    index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
-    return (index, max(16, _pow2(head_dim))) in _DECODE_TUNED
+    return _tuned_key(device, head_dim) in _DECODE_TUNED
 
 
 def decode_tuned_table() -> dict:
