@@ -171,7 +171,7 @@ def run_concurrent(pool, server, url, model, prompts: Prompts, clients: int, pro
     reqs = [(prompts.make(prompt_len), out_len) for _ in range(clients)]
     with MetricsSampler(server) as ms:
         res, t0 = pool.run(url, model, [_req(p, o, temperature=temperature) for p, o in reqs], gaps=gaps)
-    return {**summarize(res, t0), **ms.step_ms(clients), "clients": clients}, reqs
+    return {**summarize(res, t0), **ms.step_ms(clients), "clients": clients, "host_ms_per_step": ms.host_ms_per_step()}, reqs
 
 
 def run_batch1(pool, server, url, model, prompts: Prompts, prompt_len: int, out_len: int, runs: int,
@@ -321,13 +321,17 @@ def run_engine(engine_dir: str, concurrent_reqs, batch1_reqs, temperature: float
         llm.generate([warm[: max(1, len(warm) // 2)]], sp(4))
         if concurrent_reqs:
             timer.steps.clear()
+            h0, n0 = dict(llm.engine.stats().get("host_s", {})), llm.engine.num_steps
             t = time.perf_counter()
             outs = llm.generate([p for p, _ in concurrent_reqs], [sp(o) for _, o in concurrent_reqs])
             wall = time.perf_counter() - t
+            h1, n1 = llm.engine.stats().get("host_s", {}), llm.engine.num_steps
+            host = {"steps": n1 - n0, **{k: round((v - h0.get(k, 0.0)) / max(1, n1 - n0) * 1000, 3) for k, v in h1.items()}}
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             step, n = timer.decode_ms(len(concurrent_reqs))
             out["concurrent"] = {"output_tokens": tokens, "wall_s": round(wall, 3), "output_tokens_per_s": round(tokens / wall, 2),
-                                 "step_ms_at_batch": step, "steps_at_batch": n, "batch": len(concurrent_reqs), **engine_side(outs)}
+                                 "step_ms_at_batch": step, "steps_at_batch": n, "batch": len(concurrent_reqs), **engine_side(outs),
+                                 "host_ms_per_step": host}
         if batch1_reqs:
             tpots, steps = [], []
             for p, o in batch1_reqs:

@@ -219,11 +219,15 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Samples without labels of Prometheus text: name -> value."""
+    """Samples of Prometheus text: name (with its labels as written, ``name{k="v"}``) -> value."""
     out = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            parts = line.split()
+        if line and not line.startswith("#"):
+            if "{" in line:
+                head, _, rest = line.partition("}")
+                parts = [head + "}", *rest.split()]
+            else:
+                parts = line.split()
             if len(parts) >= 2:
                 try:
                     out[parts[0]] = float(parts[1])
@@ -279,6 +283,23 @@ class Server:
         return self.proc.returncode
 
 
+_HOST = 'kiln_engine_host_seconds_total{phase="'
+
+
+def host_phases_per_step(a: dict | None, b: dict | None) -> dict:
+    """Milliseconds per engine step of each host phase, from two /metrics scrapes."""
+    if not a or not b:
+        return {}
+    steps = b.get("kiln_engine_steps", 0.0) - a.get("kiln_engine_steps", 0.0)
+    if steps <= 0:
+        return {}
+    out = {"steps": int(steps)}
+    for k, v in b.items():
+        if k.startswith(_HOST):
+            out[k[len(_HOST):-2]] = round((v - a.get(k, 0.0)) / steps * 1000, 3)
+    return out
+
+
 class MetricsSampler:
     """Scrapes /metrics every ``every_s`` while a workload runs: the engine core's step count and
     busy seconds, requests running and waiting."""
@@ -287,16 +308,26 @@ class MetricsSampler:
         self.server = server
         self.every_s = every_s
         self.samples: list[tuple[float, float, float, float, float]] = []
+        self.first: dict[str, float] | None = None  # the first and last scrapes, whole
+        self.last: dict[str, float] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self):
+        self.first = self._scrape()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(10)
+        self.last = self._scrape() or self.last
+
+    def _scrape(self) -> dict | None:
+        try:
+            return self.server.metrics()
+        except OSError:
+            return None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -308,6 +339,11 @@ class MetricsSampler:
             except OSError:
                 pass
             self._stop.wait(self.every_s)
+
+    def host_ms_per_step(self) -> dict:
+        """The engine core's host milliseconds per step by phase (``kiln_engine_host_seconds``)
+        between the first and last scrape."""
+        return host_phases_per_step(self.first, self.last)
 
     def step_ms(self, batch: int) -> dict:
         """The engine core's busy time per step over the intervals that began and ended with

@@ -49,6 +49,7 @@ class _Sender(threading.Thread):
         self.encoders: dict[bytes, w.OutputEncoder] = {}
         self.last_stats: dict[bytes, float] = {}
         self.frames = 0
+        self.busy_s = 0.0  # seconds spent encoding and sending (on this thread, under the interpreter lock)
 
     def put(self, item) -> None:
         self.q.put(item)
@@ -58,10 +59,12 @@ class _Sender(threading.Thread):
             item = self.q.get()
             if item is None:
                 break
+            t = time.perf_counter()
             try:
                 self._handle(item)
             except Exception:
                 log.exception("event=sender_error")
+            self.busy_s += time.perf_counter() - t
         for s in self.socks.values():
             s.close(linger=2000)
 
@@ -138,6 +141,8 @@ class EngineCore:
         self._drain_deadline = 0.0
         self.busy_s = 0.0
         self.num_steps = 0
+        self.read_s = 0.0  # seconds reading the API processes' messages (adding requests) while busy
+        self.route_s = 0.0  # seconds sorting each step's outputs by API process
 
     # --- the loop ------------------------------------------------------------------------------------
     def busy(self) -> bool:
@@ -163,8 +168,11 @@ class EngineCore:
             if self.term_requested and not self.draining:
                 self.begin_drain()
             busy = self.busy()
+            t = time.perf_counter()
             self._read_input(0 if busy else 50)
             self._drop_gone()
+            if busy:
+                self.read_s += time.perf_counter() - t
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("event=parent_gone")
                 self._abort_all()
@@ -191,13 +199,16 @@ class EngineCore:
         outs = self.engine.step()
         self.busy_s += time.perf_counter() - t0
         self.num_steps += 1
+        t = time.perf_counter()
         by_owner: dict[bytes, list] = {}
         owner = self.owner
         for o in outs:
             ident = owner.pop(o.request_id, None) if o.finished else owner.get(o.request_id)
             if ident is not None:
                 by_owner.setdefault(ident, []).append(o)
-        self.sender.put(("step", by_owner, self.stats()))
+        stats = self.stats()
+        self.sender.put(("step", by_owner, stats))
+        self.route_s += time.perf_counter() - t
 
     def _flush(self) -> None:
         """Steps until the outputs of aborted requests are out (their final frames)."""
@@ -210,6 +221,10 @@ class EngineCore:
         s = self.engine.stats()
         s["core_busy_s"] = self.busy_s
         s["core_steps"] = self.num_steps
+        host = s.setdefault("host_s", {})
+        host["core_read"] = self.read_s
+        host["core_route"] = self.route_s
+        host["core_send"] = self.sender.busy_s
         s["max_waiting"] = self.max_waiting
         s["draining"] = self.draining
         healthy = getattr(self.engine, "is_healthy", None)

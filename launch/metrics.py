@@ -65,6 +65,13 @@ class _EngineCollector:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(s.get(key, 0) or 0))
             yield c
+        host = s.get("host_s")
+        if isinstance(host, dict) and host:
+            c = CounterMetricFamily("kiln_engine_host_seconds", "host seconds of the engine core by phase of its step loop",
+                                    labels=["phase"])
+            for phase, v in sorted(host.items()):
+                c.add_metric([str(phase)], float(v or 0))
+            yield c
 
 
 class ServerMetrics:

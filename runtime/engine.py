@@ -22,6 +22,9 @@ from kiln.runtime.sequence import Request, Sequence
 from kiln.runtime.speculative import GPU_STEP_TOKEN_BUDGET, NgramProposer, ProposalLength, parse_config, within_budget
 
 
+HOST_PHASES = ("schedule", "launch", "result", "process", "outputs")
+
+
 def _no_text(token_ids) -> None:
     """A logprob's decoded token when the caller decodes them itself."""
     return None
@@ -123,6 +126,13 @@ class LLMEngine:
         # False: output text and logprob tokens are left to the caller (the API server processes
         # detokenize), except for requests with stop strings, which are matched on text here.
         self.detokenize = True
+        # Host seconds per phase of ``step`` (summed over steps; ``stats()["host_s"]``): scheduling,
+        # launching (input preparation and kernel launches; the whole step without overlap), waiting
+        # for the launched step and reading its tokens back, processing them (stop checks, text),
+        # and building the outputs. With overlap on, the device idles only where the host phases
+        # of a step add up to more than its device time; ``device_wait`` (where the runner is in
+        # this process) is the part of ``result`` spent blocked on the device.
+        self.host_s = {k: 0.0 for k in HOST_PHASES}
 
     # --- requests ------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -211,8 +221,11 @@ class LLMEngine:
         overlap = self._can_overlap()  # scheduling below only removes requests: it stays valid
         if self._inflight is not None and (not overlap or self._all_wait_for_host()):
             self._drain()
+        clock = time.perf_counter
+        hs = self.host_s
         if self.spec is not None:
             self._propose()
+        t = clock()
         plan = self.scheduler.schedule()
         if self.draft is not None:  # sequences preempted just now give their draft KV back too
             self.draft.retain({s.seq_id for s in self.scheduler.running})
@@ -230,6 +243,7 @@ class LLMEngine:
             self._finish_request(req)
         self.scheduler.failed.clear()
         self._fork_children(plan)
+        hs["schedule"] += clock() - t
         if plan.num_seqs or plan.finished:
             masks, late = self._grammar_masks(plan)
             if plan.num_seqs:
@@ -238,12 +252,14 @@ class LLMEngine:
                 else:
                     self.synced_steps += 1
             if self.async_scheduling:
+                t = clock()
                 if late:
                     pending = self.executor.launch(plan, masks, late_masks=late)
                 else:
                     pending = self.executor.launch(plan, masks) if masks else self.executor.launch(plan)
                 if overlap:
                     self._add_placeholders(plan)
+                hs["launch"] += clock() - t
                 self._drain()
                 if late:  # their last tokens are on the host now: so are their masks
                     pending.apply_masks(self._late_grammar_masks(late))
@@ -251,14 +267,20 @@ class LLMEngine:
                 if not overlap:
                     self._drain()
             else:
+                t = clock()
                 result = self.executor.execute(plan, masks) if masks else self.executor.execute(plan)
+                t1 = clock()
+                hs["launch"] += t1 - t
                 self.forward_s += result.forward_s
                 self._process(result)
+                hs["process"] += clock() - t1
         elif self._inflight is not None:
             self._drain()
         self.num_steps += 1
+        t = clock()
         out = [self._output(r) for r in self._changed.values()]
         self._changed.clear()
+        hs["outputs"] += clock() - t
         return out
 
     # --- overlapped scheduling ------------------------------------------------------------------
@@ -295,9 +317,13 @@ class LLMEngine:
         """Waits for the launched step and processes its tokens."""
         pending, self._inflight = self._inflight, None
         if pending is not None:
+            t = time.perf_counter()
             result = pending.result()
+            t1 = time.perf_counter()
             self.forward_s += result.forward_s
             self._process(result)
+            self.host_s["result"] += t1 - t
+            self.host_s["process"] += time.perf_counter() - t1
 
     def _drop_pending(self, seq: Sequence) -> None:
         if seq.num_pending:
@@ -631,6 +657,10 @@ class LLMEngine:
         s["steps"] = self.num_steps
         s["overlapped_steps"] = self.overlapped_steps
         s["synced_steps"] = self.synced_steps
+        s["host_s"] = dict(self.host_s)
+        wait = getattr(getattr(self.executor, "runner", None), "device_wait_s", None)
+        if wait is not None:
+            s["host_s"]["device_wait"] = wait
         if self.spec is not None:
             s["spec_proposed_tokens"] = self.spec_proposed
             s["spec_accepted_tokens"] = self.spec_accepted

@@ -59,6 +59,7 @@ class ModelRunner:
         # kernel (CUDA events) in last_gpu_s.
         self.time_gpu = False
         self.last_gpu_s = 0.0
+        self.device_wait_s = 0.0  # host seconds blocked on launched steps (PendingStep.result)
         self.gpu_spans: list[tuple[bool, int, object, object]] = []  # (decode only, seqs, start, end event) per timed step
         self.last_step_decode_only = False
         self.last_step_seqs = 0
@@ -561,7 +562,9 @@ class ModelRunner:
             if late is not None:
                 apply_masks(None)
             if done is not None:
+                tw = time.perf_counter()
                 done.synchronize()
+                self.device_wait_s += time.perf_counter() - tw
             if ev is not None:
                 self.last_gpu_s = ev[0].elapsed_time(ev[1]) / 1000
             if late is not None:

@@ -48,6 +48,10 @@ def test_bench_serving_smoke_writes_a_full_record(small_engine, tmp_path):
     eng = m["engine"]["concurrent"]
     assert eng["output_tokens"] == clients * out_len and eng["batch"] == clients
     assert _positive(eng["output_tokens_per_s"]) and _positive(eng["step_ms_at_batch"]) and eng["steps_at_batch"] > 0
+    # host time per step by phase: the engine's own (LLM.generate) and the server's core (from /metrics)
+    assert eng["host_ms_per_step"]["steps"] > 0 and _positive(eng["host_ms_per_step"]["schedule"])
+    hc = c["host_ms_per_step"]
+    assert hc["steps"] > 0 and all(_positive(hc[k]) for k in ("schedule", "launch", "outputs", "core_send"))
     for key in ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "engine_output_tokens_per_s",
                 "server_to_engine_ratio", "engine_step_ms_at_batch"):
         assert _positive(m[key]), key
