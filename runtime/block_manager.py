@@ -144,6 +144,10 @@ class BlockManager:
 
     def can_append(self, seq_id, num_new_tokens: int) -> bool:
         s = self._seq(seq_id)
+        if num_new_tokens == 1:  # a decode step's token that fits the last block, held by this sequence alone
+            n = len(s.tokens)
+            if n % self.block_size and len(s.table) * self.block_size > n and self._ref[s.table[-1]] == 1:
+                return True
         return self._append_need(s, num_new_tokens) <= self.num_free_blocks
 
     # ------------------------------------------------------------------ block pool
@@ -238,6 +242,17 @@ class BlockManager:
 
     def append_slots(self, seq_id, new_token_ids: list[int]) -> list[tuple[int, int]]:
         s = self._seq(seq_id)
+        bs = self.block_size
+        if len(new_token_ids) == 1:
+            # A decode step's token: it fits the last block, which this sequence alone holds.
+            n = len(s.tokens)
+            r = n % bs
+            if r and len(s.table) * bs > n and self._ref[s.table[-1]] == 1:
+                s.tokens.append(new_token_ids[0])
+                if r == bs - 1:
+                    i = n // bs
+                    s.hashes.append(hash_block_tokens(s.hashes[i - 1] if i > 0 else None, s.tokens[i * bs:]))
+                return []
         new_token_ids = list(new_token_ids)
         need = self._append_need(s, len(new_token_ids))
         if need > self.num_free_blocks:
@@ -250,7 +265,6 @@ class BlockManager:
             self._decref(src)
             s.table[-1] = dst
             copies.append((src, dst))
-        bs = self.block_size
         for _ in range(self._blocks_for(len(s.tokens) + len(new_token_ids)) - len(s.table)):
             s.table.append(self._take_block())
         first_new_full = len(s.tokens) // bs
@@ -281,6 +295,8 @@ class BlockManager:
         prompt prefilled in chunks is never read before it is written."""
         s = self._seq(seq_id)
         upto = min(num_tokens // self.block_size, len(s.hashes))
+        if upto <= s.sealed:
+            return
         for i in range(s.sealed, upto):
             self._seal(s, i)
         s.sealed = max(s.sealed, upto)

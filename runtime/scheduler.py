@@ -123,7 +123,7 @@ class Scheduler:
                 budget -= n
             i += 1
 
-        reserved = self._reserved() if self.policy == "guaranteed_no_evict" else 0
+        reserved = None  # the running sequences' claim on free blocks, summed when a waiting one is weighed
         while self.waiting and budget > 0 and len(scheduled) < self.max_batch_size:
             seq = self.waiting[0]
             if seq.num_pending:
@@ -140,6 +140,8 @@ class Scheduler:
             if not self.bm.can_allocate(seq.token_ids, limit):
                 break
             if self.policy == "guaranteed_no_evict":
+                if reserved is None:
+                    reserved = self._reserved()
                 growth = self._growth(seq) * (seq.request.params.n if seq.index == 0 and not seq.request.forked else 1)
                 if self.running and self.bm.num_free_blocks - need - growth < reserved:
                     break  # admitting it could force a preemption later
