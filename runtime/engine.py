@@ -133,6 +133,30 @@ class LLMEngine:
         # of a step add up to more than its device time; ``device_wait`` (where the runner is in
         # this process) is the part of ``result`` spent blocked on the device.
         self.host_s = {k: 0.0 for k in HOST_PHASES}
+        runner = getattr(self.executor, "runner", None)
+        if self.spec is None and (getattr(getattr(runner, "device", None), "type", None) == "cuda" or
+                                  (runner is None and ld.config.device_class == "cuda")):
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Two short requests (greedy, and sampled with top-p) through the whole step loop at load,
+        on a GPU: the first user request then finds the kernels of its path loaded (CUDA loads a
+        kernel's module at its first launch: sampling, the LM head on prefill rows, the copies)
+        and the host code warm. Nothing stays behind: three prompt tokens and two outputs fill no
+        KV block at 8 or more tokens per block (no prefix-cache entry), and the counts start from
+        zero."""
+        for i, sp in enumerate((SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                                SamplingParams(max_tokens=2, temperature=1.0, top_p=0.9, seed=0, ignore_eos=True))):
+            self.add_request(f"kiln-warm-up-{i}", [0, 1, 2], sp)
+        while self.has_unfinished():
+            self.step()
+        self._changed.clear()
+        self.num_steps = self.overlapped_steps = self.synced_steps = 0
+        self.forward_s = 0.0
+        self.host_s = {k: 0.0 for k in HOST_PHASES}
+        runner = getattr(self.executor, "runner", None)
+        if runner is not None and hasattr(runner, "device_wait_s"):
+            runner.device_wait_s = 0.0
 
     # --- requests ------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
