@@ -148,6 +148,8 @@ _FAST = (tuple(n for n, _, _ in REQUEST_WIRE) == _FAST_REQUEST
          and tuple(n for n, _, _ in COMPLETION_WIRE) == _FAST_COMPLETION)
 """Whether the tables still name the fields ``OutputEncoder.encode`` spells out (else it takes
 the table-driven path)."""
+DIRECT_ENCODING = _FAST
+"""Whether ``OutputEncoder.encode_request`` may stand in for ``encode`` of a snapshot."""
 _ENC_LP = LOGPROB_ENTRY[0]
 _COMP_KEYS: dict[int, tuple] = {}
 
@@ -159,12 +161,17 @@ def _comp_keys(i: int) -> tuple:
     return k
 
 
+def _by_index(seq) -> int:
+    return seq.index
+
+
 class OutputEncoder:
     """Turns successive ``RequestOutput`` snapshots of one API process's requests into deltas.
 
-    ``encode`` runs for every request of every step on the core's sender thread, which shares the
-    interpreter with the step loop: it spells the tables' fields out (the same values as
-    ``encode_by_table``, a test holds them equal) at a third of the table-driven cost."""
+    It runs for every request of every step on the engine core's loop: ``encode`` spells the
+    tables' fields out (the same values as ``encode_by_table``, a test holds them equal) at a third
+    of the table-driven cost, and ``encode_request`` reads an in-process engine's request state
+    without the snapshot."""
 
     def __init__(self):
         self._sent: dict[str, dict] = {}
@@ -188,6 +195,39 @@ class OutputEncoder:
         if out.finished:
             self._sent.pop(rid, None)
         return [rid, req, comps]
+
+    def encode_request(self, req, finished: bool) -> list:
+        """``encode(engine._output(req))`` read straight off the engine's live ``Request`` and its
+        sequences, without building the snapshot (a test holds the two equal). The caller runs it
+        on the engine's thread between steps: the state moves on with the next step."""
+        rid = req.request_id
+        sent = self._sent.get(rid)
+        if sent is None:
+            sent = self._sent[rid] = {}
+        head = [finished, req.error, req.num_cached_tokens, req.timings(),
+                _append(req.prompt_logprobs, sent, "prompt_logprobs", _ENC_LP)]
+        seqs = req.seqs if len(req.seqs) == 1 else sorted(req.seqs, key=_by_index)
+        comps = []
+        for seq in seqs:
+            i = seq.index
+            kt, ki, kl = _comp_keys(i)
+            tokens = seq.token_ids
+            end = len(tokens) - seq.num_pending
+            size = end - seq.num_prompt
+            n = sent.get(ki)
+            if n == size:
+                ids = None
+            else:
+                start = 0 if n is None else (n if n < size else size)
+                sent[ki] = size
+                ids = [start, tokens[seq.num_prompt + start:end]]
+            lps = seq.logprobs
+            comps.append([i, [_append(seq.visible_text(), sent, kt, None), ids,
+                              seq.cumulative_logprob if lps is not None else None, _append(lps, sent, kl, _ENC_LP),
+                              seq.finish_reason, seq.stop_reason]])
+        if finished:
+            self._sent.pop(rid, None)
+        return [rid, head, comps]
 
     def encode_by_table(self, out: RequestOutput) -> list:
         """``encode`` read off ``REQUEST_WIRE`` and ``COMPLETION_WIRE`` field by field."""

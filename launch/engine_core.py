@@ -5,9 +5,11 @@ It binds a ROUTER socket on a loopback-only address (``ipc://`` in a private dir
 ``tcp://127.0.0.1``), loads the engine with the configured launcher (local, torchrun or Ray),
 and then runs one loop on its main thread: read every waiting message from the API server
 processes (new requests, aborts, stats requests), run one engine step, hand that step's outputs
-to the sender thread. The sender encodes each API process's outputs as one frame (token ids,
-finish reasons, logprobs; text only for requests with stop strings, which the engine matches on
-text) and pushes it to that process's own socket, so encoding overlaps the next step.
+to the sender thread. Each API process's outputs of the step are encoded on the loop's thread
+as changes since its last frame (token ids, finish reasons, logprobs; text only for requests
+with stop strings, which the engine matches on text), read straight off the engine's request
+state; the sender packs them as one frame and pushes it to that process's own socket, so the
+packing and sending overlap the next step.
 
 The core enforces the waiting-queue limit (``max_waiting``) because only it sees the queue. On
 SIGTERM it drains: new requests are refused, those in flight get ``grace_period`` seconds, the
@@ -37,7 +39,7 @@ _SNDHWM = 100_000  # frames queued for one API process before it counts as gone
 
 
 class _Sender(threading.Thread):
-    """Encodes frames and pushes them to API processes, each on its own PUSH socket."""
+    """Packs frames and pushes them to API processes, each on its own PUSH socket."""
 
     def __init__(self, ctx: zmq.Context, gone: queue.SimpleQueue, stats_every_s: float = 0.5):
         super().__init__(name="kiln-core-sender", daemon=True)
@@ -46,10 +48,9 @@ class _Sender(threading.Thread):
         self.gone = gone
         self.stats_every_s = stats_every_s
         self.socks: dict[bytes, zmq.Socket] = {}
-        self.encoders: dict[bytes, w.OutputEncoder] = {}
         self.last_stats: dict[bytes, float] = {}
         self.frames = 0
-        self.busy_s = 0.0  # seconds spent encoding and sending (on this thread, under the interpreter lock)
+        self.busy_s = 0.0  # seconds spent packing and sending (on this thread, under the interpreter lock)
 
     def put(self, item) -> None:
         self.q.put(item)
@@ -76,8 +77,7 @@ class _Sender(threading.Thread):
             for ident in list(self.socks):
                 outs = by_owner.get(ident)
                 if outs:
-                    enc = self.encoders[ident]
-                    self._send(ident, [w.STEP, [enc.encode(o) for o in outs], stats])
+                    self._send(ident, [w.STEP, outs, stats])
                     self.last_stats[ident] = now
                 elif now - self.last_stats.get(ident, 0.0) >= self.stats_every_s:
                     self._send(ident, [w.STATS, None, stats])
@@ -94,7 +94,6 @@ class _Sender(threading.Thread):
             s.setsockopt(zmq.SNDHWM, _SNDHWM)
             s.connect(addr)
             self.socks[ident] = s
-            self.encoders[ident] = w.OutputEncoder()
         elif kind == "unregister":
             self._close(item[1])
 
@@ -112,7 +111,6 @@ class _Sender(threading.Thread):
 
     def _close(self, ident: bytes) -> None:
         s = self.socks.pop(ident, None)
-        self.encoders.pop(ident, None)
         self.last_stats.pop(ident, None)
         if s is not None:
             s.close(linger=0)
@@ -127,6 +125,12 @@ class EngineCore:
         self.engine = engine
         engine.stream_outputs = True
         engine.detokenize = False  # the API processes detokenize; stop strings are still matched here
+        # An engine in this process hands over its request state, encoded here before the next
+        # step (a Ray data-parallel engine's outputs are snapshots already).
+        self.raw = hasattr(engine, "raw_outputs") and w.DIRECT_ENCODING
+        if self.raw:
+            engine.raw_outputs = True
+        self.encoders: dict[bytes, w.OutputEncoder] = {}  # per API process: what its frames carried
         self.sock = sock
         self.max_waiting = max_waiting
         self.grace_period = grace_period
@@ -201,11 +205,17 @@ class EngineCore:
         self.num_steps += 1
         t = time.perf_counter()
         by_owner: dict[bytes, list] = {}
-        owner = self.owner
+        owner, encoders, raw = self.owner, self.encoders, self.raw
         for o in outs:
-            ident = owner.pop(o.request_id, None) if o.finished else owner.get(o.request_id)
-            if ident is not None:
-                by_owner.setdefault(ident, []).append(o)
+            if raw:
+                req, fin = o
+                rid = req.request_id
+            else:
+                rid, fin = o.request_id, o.finished
+            ident = owner.pop(rid, None) if fin else owner.get(rid)
+            enc = encoders.get(ident) if ident is not None else None
+            if enc is not None:
+                by_owner.setdefault(ident, []).append(enc.encode_request(req, fin) if raw else enc.encode(o))
         stats = self.stats()
         self.sender.put(("step", by_owner, stats))
         self.route_s += time.perf_counter() - t
@@ -293,6 +303,7 @@ class EngineCore:
             log.error("event=refused_output_address address=%s", addr)
             return
         self.clients.add(ident)
+        self.encoders[ident] = w.OutputEncoder()
         self.sender.put(("register", ident, addr))
         self.sender.put(("send", ident, [w.READY, {"version": w.WIRE_VERSION, "pid": os.getpid(),
                                                    "max_waiting": self.max_waiting, "stats": self.stats()}]))
@@ -306,6 +317,7 @@ class EngineCore:
                 self.engine.abort_request(rid)
                 del self.owner[rid]
         self.clients.discard(ident)
+        self.encoders.pop(ident, None)
         self.sender.put(("unregister", ident))
 
     def _drop_gone(self) -> None:

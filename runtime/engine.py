@@ -11,7 +11,7 @@ import itertools
 import time
 
 from kiln.runtime.block_manager import BlockManager
-from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop, stop_holdback
+from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop
 from kiln.runtime.loader import LoadedEngine, load_engine
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from kiln.runtime.plan import CachedSeq, StepResult
@@ -126,6 +126,10 @@ class LLMEngine:
         # False: output text and logprob tokens are left to the caller (the API server processes
         # detokenize), except for requests with stop strings, which are matched on text here.
         self.detokenize = True
+        # True: ``step`` returns ``(Request, finished)`` pairs instead of ``RequestOutput``s, for a
+        # caller that reads the state itself on this thread before the next step (the engine
+        # core encodes its wire deltas straight from them).
+        self.raw_outputs = False
         # Host seconds per phase of ``step`` (summed over steps; ``stats()["host_s"]``): scheduling,
         # launching (input preparation and kernel launches; the whole step without overlap), waiting
         # for the launched step and reading its tokens back, processing them (stop checks, text),
@@ -302,7 +306,11 @@ class LLMEngine:
             self._drain()
         self.num_steps += 1
         t = clock()
-        out = [self._output(r) for r in self._changed.values()]
+        if self.raw_outputs:
+            reqs = self.requests
+            out = [(r, r.request_id not in reqs) for r in self._changed.values()]
+        else:
+            out = [self._output(r) for r in self._changed.values()]
         self._changed.clear()
         hs["outputs"] += clock() - t
         return out
@@ -639,13 +647,10 @@ class LLMEngine:
     def _output(self, req: Request) -> RequestOutput:
         outs = []
         for seq in sorted(req.seqs, key=lambda s: s.index):
-            text = seq.text
-            if not seq.finished and req.params.stop:
-                text = text[: len(text) - stop_holdback(text, req.params.stop)]
             outs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=text,
+                    text=seq.visible_text(),
                     token_ids=seq.output_ids,  # a new list (a slice)
                     cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                     logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
@@ -653,11 +658,6 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                 )
             )
-        metrics = {"arrival": req.arrival}
-        if req.first_token_time is not None:
-            metrics["first_token"] = req.first_token_time
-        if req.finish_time is not None:
-            metrics["finish"] = req.finish_time
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
@@ -666,7 +666,7 @@ class LLMEngine:
             finished=req.request_id not in self.requests,
             error=req.error,
             num_cached_tokens=req.num_cached_tokens,
-            metrics=metrics,
+            metrics=req.timings(),
             prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
         )
 

@@ -11,6 +11,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from kiln.runtime.detokenizer import stop_holdback
 from kiln.runtime.outputs import Logprob
 from kiln.runtime.sampling_params import SamplingParams
 
@@ -67,6 +68,14 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
+    def visible_text(self) -> str:
+        """The output text a caller may see now: while it runs, a tail that could begin one of
+        its stop strings is held back."""
+        stop = self.request.params.stop
+        if stop and not self.finished:
+            return self.text[: len(self.text) - stop_holdback(self.text, stop)]
+        return self.text
+
 
 @dataclass(eq=False)
 class Request:
@@ -87,6 +96,15 @@ class Request:
     @property
     def finished(self) -> bool:
         return bool(self.seqs) and all(s.finished for s in self.seqs) and (self.forked or self.params.n == 1 or self.error is not None)
+
+    def timings(self) -> dict[str, float]:
+        """Arrival, first-token and finish times (``time.monotonic``) known so far."""
+        m = {"arrival": self.arrival}
+        if self.first_token_time is not None:
+            m["first_token"] = self.first_token_time
+        if self.finish_time is not None:
+            m["finish"] = self.finish_time
+        return m
 
     def max_hit_tokens(self) -> int | None:
         """Prompt tokens a (re)admitted sequence may take from the prefix cache: with prompt

@@ -89,6 +89,43 @@ def tiny(tmp_path_factory):
                         device_class="cpu", progress=False)
 
 
+def test_encoding_live_requests_equals_encoding_their_snapshots(tiny):
+    """What the engine core sends, read straight off the engine's requests (``encode_request``),
+    is what encoding each step's ``RequestOutput`` sends: plain, stop strings (text held back),
+    logprobs, n=2, prompt logprobs, an abort, a request finishing on its first token."""
+    from kiln.runtime.engine import LLMEngine
+    from kiln.runtime.sampling_params import SamplingParams
+
+    eng = LLMEngine(tiny)
+    eng.detokenize = False  # as in the engine core: text only for stop strings
+    eng.raw_outputs = True
+    vocab = eng.config.model.vocab_size
+    prompt = lambda k: [(7 * k + j) % (vocab - 1) + 1 for j in range(5 + k)]  # noqa: E731
+    reqs = {
+        "plain": SamplingParams(max_tokens=9, ignore_eos=True),
+        "stop": SamplingParams(max_tokens=12, ignore_eos=True, stop=["a", "e "], temperature=1.0, seed=3),
+        "logprobs": SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
+        "n2": SamplingParams(max_tokens=7, ignore_eos=True, n=2, temperature=1.0, seed=1),
+        "plp": SamplingParams(max_tokens=3, ignore_eos=True, prompt_logprobs=1),
+        "abort": SamplingParams(max_tokens=30, ignore_eos=True),
+        "one": SamplingParams(max_tokens=1, ignore_eos=True),
+    }
+    for k, (rid, sp) in enumerate(reqs.items()):
+        eng.add_request(rid, prompt(k), sp)
+    direct, snap = w.OutputEncoder(), w.OutputEncoder()
+    frames = steps = 0
+    while eng.has_unfinished():
+        steps += 1
+        if steps == 4:
+            assert eng.abort_request("abort")
+        for req, fin in eng.step():
+            out = eng._output(req)
+            assert fin == out.finished
+            assert direct.encode_request(req, fin) == snap.encode(out), (req.request_id, steps)
+            frames += 1
+    assert frames > len(reqs) and len(direct) == len(snap) == 0
+
+
 def _serve(engine: str, log_path: str, *extra: str):
     port = free_port()
     log = open(log_path, "w")
