@@ -84,6 +84,37 @@ def run(engine, reqs, stream: bool, prof_steps: int = 0) -> dict:
     return out
 
 
+def prefill_profile(engine, prompts: list[list[int]], top: int = 16) -> dict:
+    """One step that prefills ``prompts`` (one output token each) under the torch profiler: the
+    step's wall time, the device time by kernel, and the prefill rate those give."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from kiln.runtime.sampling_params import SamplingParams
+
+    cuda = torch.cuda.is_available()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"p{i}", p, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        wall = time.perf_counter() - t
+    per: dict[str, list] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) if cuda else e.self_cpu_time_total
+        if us > 0:
+            r = per.setdefault(e.key, [0.0, 0])
+            r[0] += us
+            r[1] += e.count
+    total = sum(v[0] for v in per.values())
+    tokens = sum(len(p) for p in prompts)
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"prompts": len(prompts), "tokens": tokens, "wall_ms": round(wall * 1000, 2),
+            "device_ms": round(total / 1000, 2), "tokens_per_s_wall": round(tokens / wall),
+            "kernels": [{"name": k[:100], "ms": round(v[0] / 1000, 3), "calls": v[1]} for k, v in rows]}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", default=None)
@@ -95,6 +126,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--output-len", type=int, default=200)
     ap.add_argument("--stream", action="store_true", help="build every request's output each step (a streaming caller)")
     ap.add_argument("--cprofile", type=int, default=0, help="decode steps at the full batch to run under cProfile")
+    ap.add_argument("--prefill", default="", help="prompt counts (each --prompt-len tokens) to prefill in one step under "
+                                                  "the torch profiler, e.g. 8,40")
     a = ap.parse_args(argv)
 
     import random
@@ -122,6 +155,15 @@ def main(argv=None) -> dict:
     make = lambda: [rng.randint(lo, hi) for _ in range(a.prompt_len)]  # noqa: E731
     run(engine, [(make(), 4)], a.stream)  # warm
     res = run(engine, [(make(), a.output_len) for _ in range(a.batch)], a.stream, a.cprofile)
+    if a.prefill:
+        res["prefill"] = []
+        for n in (int(x) for x in a.prefill.split(",")):
+            pp = prefill_profile(engine, [make() for _ in range(n)])
+            res["prefill"].append(pp)
+            print(f"prefill of {n} x {a.prompt_len} tokens: wall {pp['wall_ms']} ms, device {pp['device_ms']} ms, "
+                  f"{pp['tokens_per_s_wall']} tok/s")
+            for k in pp["kernels"]:
+                print(f"  {k['ms']:9.3f} ms {k['calls']:5d}  {k['name']}")
     for name in ("decode_at_batch", "other"):
         if name in res:
             print(f"{name} ({res[name]['steps']} steps), ms per step:")
@@ -129,6 +171,7 @@ def main(argv=None) -> dict:
     for r in res.get("cprofile_top", [])[:20]:
         print(f"  {r['tottime_ms_per_step']:8.3f} ms  {r['calls']:6d}  {r['function']}")
     settings = {"engine": os.path.basename(engine_dir.rstrip("/")), "batch": a.batch, "prompt_tokens": a.prompt_len,
+                "prefill_prompts": a.prefill,
                 "output_tokens": a.output_len, "stream": a.stream, "async_scheduling": engine.async_scheduling,
                 "load_s": round(load_s, 1)}
     write_record("host-phases", engine_dir.rstrip("/").split("/")[-1], settings, res)
