@@ -60,7 +60,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serving_clients import ClientPool, MetricsSampler, Server, http_get  # noqa: E402
+from serving_clients import ClientPool, MetricsSampler, Server, cpu_busy, cpu_snapshot, http_get, process_roles  # noqa: E402
 
 WORKLOADS = ("fresh_ttft", "batch1", "burst", "concurrent", "stall", "poisson")
 ENGINE_WORKLOADS = ("engine_stall",)  # run through LLM.generate in this process; not in the default list
@@ -169,9 +169,13 @@ def run_fresh_ttft(pool, url, model, prompts: Prompts, lengths: list[int], tempe
 def run_concurrent(pool, server, url, model, prompts: Prompts, clients: int, prompt_len: int, out_len: int,
                    temperature: float, gaps: bool = True) -> tuple[dict, list[tuple[list[int], int]]]:
     reqs = [(prompts.make(prompt_len), out_len) for _ in range(clients)]
+    roles = process_roles(server.proc.pid, [p.pid for p in pool.procs])
+    c0, t = cpu_snapshot(roles), time.monotonic()
     with MetricsSampler(server) as ms:
         res, t0 = pool.run(url, model, [_req(p, o, temperature=temperature) for p, o in reqs], gaps=gaps)
-    return {**summarize(res, t0), **ms.step_ms(clients), "clients": clients, "host_ms_per_step": ms.host_ms_per_step()}, reqs
+    busy = cpu_busy(c0, cpu_snapshot(roles), time.monotonic() - t)
+    return {**summarize(res, t0), **ms.step_ms(clients), "clients": clients, "host_ms_per_step": ms.host_ms_per_step(),
+            "cpu_busy": busy}, reqs
 
 
 def run_batch1(pool, server, url, model, prompts: Prompts, prompt_len: int, out_len: int, runs: int,

@@ -283,6 +283,55 @@ class Server:
         return self.proc.returncode
 
 
+def _cpu_s(path: str) -> float | None:
+    """User + system CPU seconds of the process or thread whose /proc stat file is ``path``."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_roles(server_pid: int, client_pids: list[int]) -> dict[str, list[int]]:
+    """The server's processes by role (engine core, API servers) and the client workers (Linux)."""
+    from kiln.launch.ray_launcher import descendants
+
+    roles: dict[str, list[int]] = {"core": [], "api": [], "clients": list(client_pids)}
+    for pid in descendants(server_pid):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"kiln.launch.engine_core" in cmd:
+            roles["core"].append(pid)
+        elif b"kiln.launch.api_server" in cmd:
+            roles["api"].append(pid)
+    return roles
+
+
+def cpu_snapshot(roles: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far: the engine core's main thread and its other threads, each API server,
+    each client worker."""
+    out: dict[str, float] = {}
+    for pid in roles.get("core", []):
+        main = _cpu_s(f"/proc/{pid}/task/{pid}/stat") or 0.0
+        total = _cpu_s(f"/proc/{pid}/stat") or 0.0
+        out["core_main_thread"] = out.get("core_main_thread", 0.0) + main
+        out["core_other_threads"] = out.get("core_other_threads", 0.0) + total - main
+    for role in ("api", "clients"):
+        for i, pid in enumerate(roles.get(role, [])):
+            v = _cpu_s(f"/proc/{pid}/stat")
+            if v is not None:
+                out[f"{role}{i}"] = v
+    return out
+
+
+def cpu_busy(a: dict[str, float], b: dict[str, float], wall: float) -> dict[str, float]:
+    """The share of one CPU each process (or thread group) used between two snapshots."""
+    return {k: round((b[k] - a.get(k, 0.0)) / wall, 3) for k in b if wall > 0}
+
+
 _HOST = 'kiln_engine_host_seconds_total{phase="'
 
 

@@ -52,6 +52,8 @@ def test_bench_serving_smoke_writes_a_full_record(small_engine, tmp_path):
     assert eng["host_ms_per_step"]["steps"] > 0 and _positive(eng["host_ms_per_step"]["schedule"])
     hc = c["host_ms_per_step"]
     assert hc["steps"] > 0 and all(_positive(hc[k]) for k in ("schedule", "launch", "outputs", "core_send"))
+    # CPU share of the engine core's loop thread, the API server and the client worker while it ran
+    assert _positive(c["cpu_busy"]["core_main_thread"]) and {"api0", "clients0"} <= set(c["cpu_busy"])
     for key in ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "engine_output_tokens_per_s",
                 "server_to_engine_ratio", "engine_step_ms_at_batch"):
         assert _positive(m[key]), key
