@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -45,6 +46,47 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def warm_up(app, state) -> None:
+    """One streamed completion (three prompt tokens, two outputs) through this process's app
+    once the core is ready, so the first client request does not pay for first use (the HTTP
+    stack's streaming, body validation, the core round trip, detokenization); /health answers
+    503 ("loading") until it is done. It runs in this process (no socket) and is marked so that
+    it counts in no metric and writes no request log."""
+    state.warming = True
+    try:
+        body = json.dumps({"model": state.model_name, "prompt": [0, 1, 2], "max_tokens": 2, "temperature": 0.0,
+                           "stream": True, "ignore_eos": True}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if state.api_key is not None:
+            headers.append((b"authorization", f"Bearer {state.api_key}".encode()))
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+                 "headers": headers, "client": None, "server": None, "kiln.warm_up": True}
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+        done = asyncio.Event()
+        status: list[int] = []
+
+        async def receive():
+            if pending:
+                return pending.pop()
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(msg):
+            if msg["type"] == "http.response.start":
+                status.append(msg["status"])
+            elif msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                done.set()
+
+        await asyncio.wait_for(app(scope, receive, send), timeout=60.0)
+        if status != [200]:
+            log.info("event=warm_up_failed status=%s", status[0] if status else None)
+    except Exception as e:  # the first request pays instead; nothing is wrong with serving
+        log.info("event=warm_up_failed error=%s", type(e).__name__)
+    finally:
+        state.warming = False
+
+
 def make_server(app, host: str, port: int, grace_period: float):
     """A uvicorn server whose SIGTERM/SIGINT drains ``app`` before exiting."""
     import uvicorn
@@ -74,6 +116,7 @@ class DrainingServer(_ServerBase):
         self.signals = signals
         self.accept_when_ready = accept_when_ready
         self._drain_task = None
+        self._warm_task = None
         self._loop = None
 
     @contextlib.contextmanager
@@ -98,7 +141,17 @@ class DrainingServer(_ServerBase):
             eng = self.kiln_state.engine
             while getattr(eng, "loading", False) and not self.should_exit:
                 await asyncio.sleep(0.05)
+            await warm_up(self.config.app, self.kiln_state)
+        else:
+            self.kiln_state.warming = True  # /health waits for it from the start
+            self._warm_task = self._loop.create_task(self._warm_when_ready())
         await super().startup(sockets=sockets)
+
+    async def _warm_when_ready(self) -> None:
+        eng = self.kiln_state.engine
+        while getattr(eng, "loading", False) and not self.should_exit:
+            await asyncio.sleep(0.05)
+        await warm_up(self.config.app, self.kiln_state)
 
     async def shutdown(self, sockets=None):
         await super().shutdown(sockets=sockets)

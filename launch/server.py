@@ -51,6 +51,7 @@ class ServerState:
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
         self.draining = False
+        self.warming = False  # the API server's own first request is under way (/health: loading)
         self.active: dict[str, list[str]] = {}
         self.server_aborted: set[str] = set()
         self.metrics = ServerMetrics(model_name, self._stats)
@@ -65,11 +66,11 @@ class ServerState:
         return self.engine.stats() if self.engine is not None else {}
 
     def serving(self) -> bool:
-        return self.engine is not None and not self.draining and self.engine.is_alive()
+        return self.engine is not None and not self.draining and not self.warming and self.engine.is_alive()
 
     def unavailable(self) -> str:
-        """Why the server does not serve: loading, draining or dead."""
-        if self.engine is None or getattr(self.engine, "loading", False):
+        """Why the server does not serve: loading (or warming up), draining or dead."""
+        if self.engine is None or getattr(self.engine, "loading", False) or self.warming:
             return "loading"
         if self.draining or getattr(self.engine, "core_draining", False):
             return "draining"
@@ -298,7 +299,8 @@ async def _run(state, request: Request, rid, route, prompts, params, body, *, ch
         raise APIError(504, f"the request timed out after {state.request_timeout:g} s", "timeout_error", code="timeout") from None
     state.active[rid] = ids
     stream = merge_streams(gens, firsts)
-    ctx = _Ctx(state, rid, route, params, body, chat, echo, t0, deadline, len(prompts))
+    ctx = _Ctx(state, rid, route, params, body, chat, echo, t0, deadline, len(prompts),
+               quiet=bool(request.scope.get("kiln.warm_up")))
     if body.stream:
         return EventStream(_sse_body(ctx, stream), on_close=ctx.close, media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
@@ -312,7 +314,7 @@ async def _run(state, request: Request, rid, route, prompts, params, body, *, ch
 class _Ctx:
     """One HTTP request's bookkeeping."""
 
-    def __init__(self, state, rid, route, params, body, chat, echo, t0, deadline, num_prompts):
+    def __init__(self, state, rid, route, params, body, chat, echo, t0, deadline, num_prompts, quiet: bool = False):
         self.state, self.rid, self.route, self.params, self.body = state, rid, route, params, body
         self.chat, self.echo, self.t0, self.deadline = chat, echo, t0, deadline
         self.n = params.n
@@ -323,11 +325,13 @@ class _Ctx:
         self.outcome = "ok"
         self.created = now()
         self._closed = False
+        self.quiet = quiet  # the API server's own warm-up request: no metrics, no log
 
     def record(self, p: int, out) -> None:
         if out.finished and p not in self.finals:
             self.finals[p] = out
-            self.state.metrics.observe_request(out)
+            if not self.quiet:
+                self.state.metrics.observe_request(out)
 
     def usage(self) -> dict:
         return usage_of(self.finals.values(), count_output=not self.score_only)
@@ -338,6 +342,8 @@ class _Ctx:
         self._closed = True
         self.state.active.pop(self.rid, None)
         self.state.server_aborted.discard(self.rid)
+        if self.quiet:
+            return
         u = self.usage()
         reasons = sorted({c.finish_reason or "none" for o in self.finals.values() for c in o.outputs})
         log.info(

@@ -281,8 +281,35 @@ class ModelRunner:
             t, meta = self._prepare([0] * len(pos), pos, slots, qlens, slens, tables)
             meta.max_seq_len = span
             self._forward(t, meta)
+        self._warm_row_counts(max_seq_len)
         if gpu:
             torch.cuda.synchronize(self.device)
+
+    def _warm_row_counts(self, max_seq_len: int) -> None:
+        """Prefill steps of 16, 24, 32, 48, ... up to max_num_tokens tokens, and the LM head on 1,
+        2, 4, ... up to max_batch_size rows. cuBLAS picks a GEMM kernel by the row count and CUDA
+        loads a kernel's module at its first launch (tens of milliseconds for a new prompt length
+        otherwise). The steps write no KV (slot -1) and read block 0."""
+        bs = self.block_size
+        cap = self.max_num_tokens
+        counts = sorted({c for k in range(4, 24) for c in (1 << k, 3 << (k - 1)) if c <= cap} | {cap})
+        hidden = None
+        for n in counts:
+            qlens, left = [], n
+            while left:
+                q = min(left, max_seq_len - 1)
+                qlens.append(q)
+                left -= q
+            pos = [p for q in qlens for p in range(q)]
+            tables = [[0] * -(-q // bs) for q in qlens]
+            t, meta = self._prepare([0] * n, pos, [-1] * n, qlens, qlens, tables)
+            hidden = self._forward(t, meta)
+        if hidden is None or self.model.mapping.pp > 1:
+            return
+        m = 1
+        while m <= min(self.max_batch_size, hidden.shape[0]):
+            self.model.compute_logits(hidden[:m])
+            m *= 2
 
     def _plain_greedy(self, sid: int, masks) -> bool:
         """Greedy with nothing that needs the full logits row (the same answer on every rank)."""

@@ -102,7 +102,7 @@ class ServerThread:
         self.thread.start()
         end = time.monotonic() + 180
         engine = self.server.kiln_state.engine
-        while not self.server.started or not getattr(engine, "ready", True):
+        while not self.server.started or not getattr(engine, "ready", True) or self.server.kiln_state.warming:
             if time.monotonic() > end or not self.thread.is_alive() or getattr(engine, "dead", None):
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)

@@ -241,9 +241,15 @@ def test_async_scheduling_equals_sync_for_every_kind_of_request(engine_dir):
 
 def test_load_time_warm_steps_leave_outputs_unchanged(engine_dir, solo):
     """The prefill, mixed and split-decode steps a GPU engine runs at load (so that nothing
-    compiles on a request's path) are valid steps, and serving after them gives the same tokens."""
+    compiles on a request's path), its prefill steps at every row-count bucket and its two
+    warm-up requests are valid steps: serving after them gives the same tokens, and the counts
+    start from zero."""
     engine = LLMEngine(engine_dir, num_kv_blocks=64)
     engine.executor.runner.warm_kernels(max_seq_len=512, force=True)
+    engine._warm_up()
+    st = engine.stats()
+    assert st["steps"] == 0 and st["running"] == st["waiting"] == 0 and not engine.requests
+    assert st["kv_blocks_used"] == 0 and all(v == 0.0 for v in st["host_s"].values())
     for i, (_, prompt, n) in enumerate(make_workload(11, 4, 40, 6)):
         engine.add_request(f"w{i}", prompt, greedy(n))
         out = None

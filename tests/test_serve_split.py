@@ -174,6 +174,10 @@ def test_two_api_servers_share_a_core_and_stop_together(tiny, tmp_path):
         wait_health(url, timeout=180, proc=proc)
         tree = _tree(proc.pid)
         assert len(tree["core"]) == 1 and len(tree["api"]) == 2, tree
+        # An API server's warm-up request ran through the core before /health said ok, and counts nowhere.
+        text = httpx.get(url + "/metrics", timeout=10).text
+        assert metric(text, "kiln_engine_steps") > 0
+        assert metric(text, "kiln_request_success_total", 'finish_reason="length"') == 0
         seen: dict[str, int] = {}
         results = []
 
@@ -219,6 +223,7 @@ def test_two_api_servers_share_a_core_and_stop_together(tiny, tmp_path):
         log = open(tmp_path / "log").read()
         for role in ("proc=main", "proc=core", "proc=api0", "proc=api1"):
             assert role in log, role
+        assert log.count("route=/v1/completions") == served + 1  # no request log line for the warm-ups
     finally:
         _stop(proc)
 
