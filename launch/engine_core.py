@@ -5,7 +5,9 @@ It binds a ROUTER socket on a loopback-only address (``ipc://`` in a private dir
 ``tcp://127.0.0.1``), loads the engine with the configured launcher (local, torchrun or Ray),
 and then runs one loop on its main thread: read every waiting message from the API server
 processes (new requests, aborts, stats requests), run one engine step, hand that step's outputs
-to the sender thread. Each API process's outputs of the step are encoded on the loop's thread
+to the sender thread. While requests keep arriving during a prefill step, the next step is
+planned once that one ends (not at once, as overlapped scheduling otherwise does), so a burst
+fills a few full prefill steps. Each API process's outputs of the step are encoded on the loop's thread
 as changes since its last frame (token ids, finish reasons, logprobs; text only for requests
 with stop strings, which the engine matches on text), read straight off the engine's request
 state; the sender packs them as one frame and pushes it to that process's own socket, so the
@@ -36,6 +38,7 @@ from kiln.launch import core_wire as w
 log = logging.getLogger("kiln.core")
 
 _SNDHWM = 100_000  # frames queued for one API process before it counts as gone
+GATHER_ARRIVALS = 2  # requests arrived during a prefill step that make the next step wait for it
 
 
 class _Sender(threading.Thread):
@@ -145,6 +148,7 @@ class EngineCore:
         self._drain_deadline = 0.0
         self.busy_s = 0.0
         self.num_steps = 0
+        self.gathered = 0  # steps planned after waiting for a prefill step, to take a burst's arrivals
         self.read_s = 0.0  # seconds reading the API processes' messages (adding requests) while busy
         self.route_s = 0.0  # seconds sorting each step's outputs by API process
 
@@ -195,8 +199,21 @@ class EngineCore:
                     last_beat = now
                 was_busy = False
                 continue
+            self._gather()
             self._step()
             was_busy = True
+
+    def _gather(self) -> bool:
+        """Requests arriving while a prefill step runs (``GATHER_ARRIVALS`` or more since it was
+        planned): wait for that step, read what came meanwhile, and only then plan the next, so a
+        burst fills a few prefill steps instead of many small ones queued behind each other."""
+        e = self.engine
+        if not getattr(e, "inflight_prefills", False) or getattr(e, "added_since_plan", 0) < GATHER_ARRIVALS:
+            return False
+        e.finish_inflight()
+        self.gathered += 1
+        self._read_input(0)
+        return True
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -231,6 +248,7 @@ class EngineCore:
         s = self.engine.stats()
         s["core_busy_s"] = self.busy_s
         s["core_steps"] = self.num_steps
+        s["core_gathered_steps"] = self.gathered
         host = s.setdefault("host_s", {})
         host["core_read"] = self.read_s
         host["core_route"] = self.route_s

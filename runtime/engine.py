@@ -119,6 +119,8 @@ class LLMEngine:
         # masks; elsewhere it sits out that step.
         self.scheduler.grammar_waits = not getattr(self.executor, "late_masks", False)
         self._inflight = None  # the launched step whose tokens are not processed yet
+        self.inflight_prefills = False  # the launched step runs prompt tokens (not only decodes)
+        self.added_since_plan = 0  # requests added since the last step was planned
         # Streaming callers get every request's state after each step that changed it; offline
         # callers (LLM.generate) set this False and get finished requests only, and the text is
         # decoded once at the end instead of token by token.
@@ -194,6 +196,7 @@ class LLMEngine:
                 f"plus max_tokens ({params.max_tokens}) exceeds it",
                 code="context_length_exceeded", param="max_tokens",
             )
+        self.added_since_plan += 1
         req = Request(request_id, text, ids, params, priority=priority)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]  # the first prompt token has no log-probability
@@ -255,6 +258,7 @@ class LLMEngine:
             self._propose()
         t = clock()
         plan = self.scheduler.schedule()
+        self.added_since_plan = 0
         if self.draft is not None:  # sequences preempted just now give their draft KV back too
             self.draft.retain({s.seq_id for s in self.scheduler.running})
         if self.heads is not None:
@@ -288,10 +292,12 @@ class LLMEngine:
                 if overlap:
                     self._add_placeholders(plan)
                 hs["launch"] += clock() - t
+                prefills = plan.num_tokens > plan.num_seqs
                 self._drain()
                 if late:  # their last tokens are on the host now: so are their masks
                     pending.apply_masks(self._late_grammar_masks(late))
                 self._inflight = pending
+                self.inflight_prefills = prefills
                 if not overlap:
                     self._drain()
             else:
@@ -345,9 +351,18 @@ class LLMEngine:
                     seq.token_ids.append(-1)
                     seq.num_pending += 1
 
+    def finish_inflight(self) -> None:
+        """Waits for the launched step and processes its tokens now; its outputs come with the
+        next ``step``. A server calls it when requests are arriving while a prefill step runs:
+        planning the next step after that one ends, instead of at once, gathers every request
+        that arrived meanwhile into it (a burst becomes a few full prefill steps instead of many
+        small ones queued behind each other)."""
+        self._drain()
+
     def _drain(self) -> None:
         """Waits for the launched step and processes its tokens."""
         pending, self._inflight = self._inflight, None
+        self.inflight_prefills = False
         if pending is not None:
             t = time.perf_counter()
             result = pending.result()

@@ -230,3 +230,31 @@ def test_mixed_arrivals_with_preemption_equal_sync(engine_dir, policy):
     if policy == "max_utilization":
         assert stats["preemptions"] > 0
     assert stats["overlapped_steps"] > 0.8 * (stats["overlapped_steps"] + stats["synced_steps"])
+
+
+def test_gathering_arrivals_behind_a_prefill_step_equals_sync(engine_dir):
+    """The engine core's rule for bursts: while a prefill step is in flight and requests keep
+    arriving, it waits for that step (``finish_inflight``), reads what came, then plans. Mixed
+    requests arriving a few per step give the same outputs as without overlap, the rule fires,
+    and the drained step's outputs come with the next step."""
+    from kiln.launch.engine_core import GATHER_ARRIVALS
+
+    reqs = _mixed(11, 24)
+    kw = dict(num_kv_blocks=512, max_num_tokens=128)
+    sync = _run_arrivals(_engine(engine_dir, False, **kw), reqs)
+    eng = _engine(engine_dir, True, **kw)
+    out, pending, gathered = {}, list(reqs), 0
+    while pending or eng.has_unfinished():
+        for rid, prompt, params in pending[:3]:
+            eng.add_request(rid, prompt, params)
+        pending = pending[3:]
+        if eng.inflight_prefills and eng.added_since_plan >= GATHER_ARRIVALS:
+            eng.finish_inflight()
+            assert eng._inflight is None and not eng.inflight_prefills
+            gathered += 1
+        for o in eng.step():
+            if o.finished:
+                out[o.request_id] = [(c.token_ids, c.finish_reason) for c in o.outputs]
+    assert out == sync
+    assert gathered > 0 and eng.added_since_plan == 0
+    assert eng.stats()["kv_blocks_used"] == 0

@@ -319,3 +319,36 @@ def test_settle_heap_freezes_what_is_alive():
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0 and collected(keep) == len(keep)
+
+
+def test_core_gathers_a_burst_behind_a_prefill_step(tiny):
+    """The engine core waits for a prefill step in flight when two or more requests arrived since
+    it was planned (then reads the socket and plans), and not for a lone arrival or a decode step."""
+    import zmq
+
+    from kiln.launch.engine_core import EngineCore
+    from kiln.runtime.engine import LLMEngine
+    from kiln.runtime.sampling_params import SamplingParams
+
+    eng = LLMEngine(tiny, async_scheduling=True)  # overlapped, as on a GPU
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        core = EngineCore(eng, sock)
+        sp = SamplingParams(max_tokens=4, ignore_eos=True)
+        eng.add_request("a", [5, 6, 7, 8], sp)
+        eng.step()  # a prefill step in flight
+        assert eng.inflight_prefills and not core._gather()  # nothing arrived since
+        eng.add_request("b", [9, 10, 11], sp)
+        assert not core._gather()  # one arrival
+        eng.add_request("c", [12, 13], sp)
+        assert core._gather() and core.gathered == 1 and eng._inflight is None
+        outs = {req.request_id for req, _ in eng.step()}  # the core reads the engine's requests
+        assert "a" in outs  # the drained step's token comes with the next step
+        while eng.has_unfinished():
+            eng.step()
+            assert not core._gather()  # decode steps and no arrivals: never waits
+        assert core.stats()["core_gathered_steps"] == 1
+    finally:
+        sock.close(linger=0)
+        ctx.term()
