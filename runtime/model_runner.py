@@ -60,6 +60,7 @@ class ModelRunner:
         self.time_gpu = False
         self.last_gpu_s = 0.0
         self.device_wait_s = 0.0  # host seconds blocked on launched steps (PendingStep.result)
+        self._kept_generators: dict[int, torch.Generator] = {}  # preempted seeded sequences' generators
         self.gpu_spans: list[tuple[bool, int, object, object]] = []  # (decode only, seqs, start, end event) per timed step
         self.last_step_decode_only = False
         self.last_step_seqs = 0
@@ -86,12 +87,20 @@ class ModelRunner:
 
     # --- state mirror -------------------------------------------------------------------------
     def _apply(self, plan: StepPlan) -> list[tuple[int, int, bool]]:
+        preempted = set(plan.preempted)
         for sid in plan.finished:
-            self.seqs.pop(sid, None)
+            st = self.seqs.pop(sid, None)
+            if sid in preempted:
+                if st is not None and st.generator is not None:
+                    self._kept_generators[sid] = st.generator  # it comes back as a new sequence
+            else:
+                self._kept_generators.pop(sid, None)
         work: list[tuple[int, int, bool]] = []
         for s in plan.new:
             params = params_from_wire(s.params)
-            gen = Sampler.make_generator(s.seed, self.device) if s.seed is not None else None
+            gen = self._kept_generators.pop(s.seq_id, None)
+            if gen is None and s.seed is not None:
+                gen = Sampler.make_generator(s.seed, self.device)
             self.seqs[s.seq_id] = SeqState(list(s.token_ids), s.num_prompt_tokens, s.num_computed, list(s.block_table), params, gen)
             work.append((s.seq_id, s.num_tokens, s.sample))
         self._fork_parent = {}

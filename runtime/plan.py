@@ -59,6 +59,9 @@ class StepPlan:
     # its first token from the parent's logits (it is listed in ``cached`` with num_tokens 0)
     prompt_logprobs: list[int] = field(default_factory=list)
     # sequences whose prompt rows in this step are scored (SamplingParams.prompt_logprobs)
+    preempted: list[int] = field(default_factory=list)
+    # of ``finished``: sequences preempted, to come back as new ones; the workers keep their
+    # sampling generators, so a seeded sequence draws on where it left off
 
     @property
     def num_seqs(self) -> int:
@@ -81,6 +84,7 @@ class StepPlan:
             copies=[tuple(c) for c in d["copies"]],
             forks=[tuple(c) for c in d["forks"]],
             prompt_logprobs=list(d.get("prompt_logprobs", ())),
+            preempted=list(d.get("preempted", ())),
         )
 
 

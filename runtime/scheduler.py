@@ -38,6 +38,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._finished_ids: list[int] = []
+        self._preempted_ids: list[int] = []
         self._step = 0
         self.num_preemptions = 0
         self.failed: list[tuple[Sequence, str]] = []
@@ -67,8 +68,8 @@ class Scheduler:
         if self.bm.has_seq(seq.seq_id):
             self.bm.mark_computed(seq.seq_id, seq.num_computed)
             self.bm.free(seq.seq_id)
-        if seq.sent_table is not None:
-            self._finished_ids.append(seq.seq_id)
+        if seq.sent_table is not None or seq.num_preemptions:
+            self._finished_ids.append(seq.seq_id)  # a preempted one: the workers drop what they kept
         seq.sent_table = None
         seq.status = SeqStatus.FINISHED
 
@@ -78,6 +79,7 @@ class Scheduler:
         self.bm.free(seq.seq_id)
         if seq.sent_table is not None:
             self._finished_ids.append(seq.seq_id)
+            self._preempted_ids.append(seq.seq_id)
         seq.sent_table = None
         seq.num_computed = 0
         seq.bm_len = 0
@@ -161,6 +163,8 @@ class Scheduler:
 
         plan.finished = self._finished_ids
         self._finished_ids = []
+        plan.preempted = self._preempted_ids
+        self._preempted_ids = []
         return plan
 
     def _ends_by_length(self, seq: Sequence) -> bool:

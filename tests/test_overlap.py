@@ -258,3 +258,17 @@ def test_gathering_arrivals_behind_a_prefill_step_equals_sync(engine_dir):
     assert out == sync
     assert gathered > 0 and eng.added_since_plan == 0
     assert eng.stats()["kv_blocks_used"] == 0
+
+
+def test_seeded_sampling_survives_preemption(engine_dir):
+    """A preempted seeded sequence draws on from where its generator stopped (the workers keep it
+    until the sequence comes back): outputs with preemptions, overlapped or not, equal those of a
+    cache that never preempts."""
+    reqs = _mixed(11, 24)
+    calm = _run_arrivals(_engine(engine_dir, False, num_kv_blocks=512, max_num_tokens=128), reqs)
+    kw = dict(num_kv_blocks=64, max_num_tokens=128, scheduler_policy="max_utilization")
+    for overlap in (False, True):
+        eng = _engine(engine_dir, overlap, **kw)
+        assert _run_arrivals(eng, reqs) == calm, overlap
+        assert eng.stats()["preemptions"] > 0
+        assert not eng.executor.runner._kept_generators  # none left behind
