@@ -46,7 +46,7 @@ def run(engine, reqs, stream: bool, prof_steps: int = 0) -> dict:
         decode = not sch.waiting and len(sch.running) == batch and all(s.uncomputed <= 1 for s in sch.running)
         before = dict(engine.host_s)
         dw0 = engine.stats()["host_s"].get("device_wait", 0.0)
-        use_prof = prof is not None and decode and profiled < prof_steps and len(rows) > 8
+        use_prof = prof is not None and decode and profiled < prof_steps and sum(1 for r in rows if r[0]) >= 2
         t = time.perf_counter()
         if use_prof:
             prof.enable()

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "perplexity": "bench_perplexity.py",
     "speculative": "bench_speculative.py",
     "moe": "bench_moe.py",
+    "host": "bench_host.py",
 }
 
 

@@ -118,3 +118,25 @@ def test_bench_serving_engine_stall_alone_starts_no_server(small_engine, tmp_pat
             assert _positive(r["step_vs_plain"]) and r["steps_timed"] > 0 and share(r["overlapped_share"]), (mode, v, r)
         assert rows["n2"]["special_tokens"] == [8, 8]
         assert rows["grammar"]["special_tokens"] == [8] and rows["grammar"]["special_finish"] == ["length"]
+
+
+def test_bench_host_splits_the_step_loop_by_phase(small_engine, tmp_path):
+    """`kiln bench host` on the CPU: host milliseconds by phase for decode steps at the full
+    batch and for the rest, a cProfile of decode steps, a prefill step by kernel, in a record."""
+    results = tmp_path / "results"
+    env = dict(os.environ, KILN_RESULTS_DIR=str(results))
+    cmd = [sys.executable, "-m", "kiln.launch.cli", "bench", "host", "--engine", small_engine, "--batch", "6",
+           "--prompt-len", "12", "--output-len", "10", "--cprofile", "2", "--prefill", "3"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (path,) = glob.glob(str(results / "host-phases-cpu-*.json"))
+    rec = json.load(open(path))
+    m = rec["metrics"]
+    dec = m["decode_at_batch"]
+    assert dec["steps"] > 0 and _positive(dec["ms_p50"]["schedule"]) and _positive(dec["ms_p50"]["launch"])
+    assert dec["ms_p50"]["wall"] >= dec["ms_p50"]["schedule"]
+    assert m["other"]["steps"] > 0
+    assert m["cprofile_steps"] == 2 and m["cprofile_top"] and _positive(m["cprofile_top"][0]["tottime_ms_per_step"])
+    (pf,) = m["prefill"]
+    assert pf["prompts"] == 3 and pf["tokens"] == 36 and _positive(pf["wall_ms"]) and pf["kernels"]
+    assert rec["settings"]["batch"] == 6
