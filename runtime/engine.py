@@ -140,7 +140,7 @@ class LLMEngine:
         # this process) is the part of ``result`` spent blocked on the device.
         self.host_s = {k: 0.0 for k in HOST_PHASES}
         runner = getattr(self.executor, "runner", None)
-        if self.spec is None and (getattr(getattr(runner, "device", None), "type", None) == "cuda" or
+        if self.spec is None and self.max_seq_len > 8 and (getattr(getattr(runner, "device", None), "type", None) == "cuda" or
                                   (runner is None and ld.config.device_class == "cuda")):
             self._warm_up()
 
