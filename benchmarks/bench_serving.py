@@ -196,9 +196,14 @@ def run_batch1(pool, server, url, model, prompts: Prompts, prompt_len: int, out_
             "chunks_per_token": rows[-1]["chunks_per_token"], **ms.step_ms(1)}, reqs
 
 
-def run_burst(pool, url, model, prompts: Prompts, clients: int, prompt_len: int, out_len: int, temperature: float) -> dict:
+def run_burst(pool, server, url, model, prompts: Prompts, clients: int, prompt_len: int, out_len: int,
+              temperature: float) -> dict:
+    m0 = server.metrics()
     res, t0 = pool.run(url, model, [_req(prompts.make(prompt_len), out_len, temperature=temperature) for _ in range(clients)])
-    return {**summarize(res, t0), "clients": clients}
+    m1 = server.metrics()
+    key = "kiln_engine_gathered_steps_total"
+    return {**summarize(res, t0), "clients": clients, "engine_steps": int(m1.get("kiln_engine_steps", 0) - m0.get("kiln_engine_steps", 0)),
+            "gathered_steps": int(m1.get(key, 0) - m0.get(key, 0))}
 
 
 def stall_special(variant: str, vocab: int, out_len: int) -> dict:
@@ -656,8 +661,8 @@ def main(argv=None) -> dict:
                     return r
                 metrics["batch1"] = phase("batch1", b1)
             if "burst" in a.workloads:
-                metrics["burst"] = phase("burst", lambda: run_burst(pool, url, model, prompts, a.burst_clients, a.burst_prompt_len,
-                                                                    a.burst_output_len, a.temperature))
+                metrics["burst"] = phase("burst", lambda: run_burst(pool, server, url, model, prompts, a.burst_clients,
+                                                                    a.burst_prompt_len, a.burst_output_len, a.temperature))
             if "concurrent" in a.workloads:
                 def conc():
                     nonlocal concurrent_reqs

@@ -38,6 +38,8 @@ _ENGINE_GAUGES = (
 _ENGINE_COUNTERS = (
     ("kiln_preemptions", "sequences preempted by the scheduler", "preemptions"),
     ("kiln_engine_busy_seconds", "seconds the engine core spent in steps", "core_busy_s"),
+    ("kiln_engine_gathered_steps", "steps planned after a prefill step in flight ended, to take the requests that "
+                                   "arrived meanwhile", "core_gathered_steps"),
     ("kiln_spec_proposed_tokens", "speculative tokens proposed", "spec_proposed_tokens"),
     ("kiln_spec_accepted_tokens", "speculative tokens that stood", "spec_accepted_tokens"),
     ("kiln_spec_budget_cut_tokens", "speculative proposals the step token budget left out", "spec_budget_cut_tokens"),

@@ -70,6 +70,7 @@ def test_bench_serving_smoke_writes_a_full_record(small_engine, tmp_path):
     b1, bu = m["batch1"], m["burst"]
     assert _positive(b1["tpot_ms"]) and _positive(b1["engine_decode_ms_per_token"])
     assert bu["completed"] == 4 and bu["errors"] == 0 and _positive(bu["ttft_ms_p50"])
+    assert bu["engine_steps"] > 0 and bu["gathered_steps"] >= 0  # a CPU engine does not overlap: nothing to gather
 
     st = m["stall"]
     assert _positive(st["baseline"]["tpot_ms_p50"])
