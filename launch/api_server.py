@@ -116,7 +116,7 @@ class DrainingServer(_ServerBase):
         self.signals = signals
         self.accept_when_ready = accept_when_ready
         self._drain_task = None
-        self._warm_task = None
+        self._warm_task = None  # held so the event loop does not drop the warm-up task
         self._loop = None
 
     @contextlib.contextmanager

@@ -7,8 +7,8 @@ and then runs one loop on its main thread: read every waiting message from the A
 processes (new requests, aborts, stats requests), run one engine step, hand that step's outputs
 to the sender thread. While requests keep arriving during a prefill step, the next step is
 planned once that one ends (not at once, as overlapped scheduling otherwise does), so a burst
-fills a few full prefill steps. Each API process's outputs of the step are encoded on the loop's thread
-as changes since its last frame (token ids, finish reasons, logprobs; text only for requests
+fills a few full prefill steps. Each API process's outputs of the step are encoded on the
+loop's thread as changes since its last frame (token ids, finish reasons, logprobs; text only for requests
 with stop strings, which the engine matches on text), read straight off the engine's request
 state; the sender packs them as one frame and pushes it to that process's own socket, so the
 packing and sending overlap the next step.
@@ -210,7 +210,9 @@ class EngineCore:
         e = self.engine
         if not getattr(e, "inflight_prefills", False) or getattr(e, "added_since_plan", 0) < GATHER_ARRIVALS:
             return False
+        t = time.perf_counter()
         e.finish_inflight()
+        self.busy_s += time.perf_counter() - t  # the step's own time, counted where it is waited for
         self.gathered += 1
         self._read_input(0)
         return True

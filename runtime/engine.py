@@ -100,9 +100,9 @@ class LLMEngine:
         self.spec_proposed = self.spec_accepted = 0
         self.spec_cut = 0  # proposals the step budget did not make room for
         self._step_budget = None
+        runner = getattr(self.executor, "runner", None)
+        on_gpu = getattr(getattr(runner, "device", None), "type", None) == "cuda" or ld.config.device_class == "cuda"
         if self.spec is not None:
-            runner = getattr(self.executor, "runner", None)
-            on_gpu = getattr(getattr(runner, "device", None), "type", None) == "cuda" or ld.config.device_class == "cuda"
             self._step_budget = self.spec.step_token_budget or (GPU_STEP_TOKEN_BUDGET if on_gpu else None)
         # Overlapped scheduling: step N+1 is planned and launched before step N's tokens are read
         # back, so the host's work (scheduling, input preparation, detokenization) runs while the
@@ -139,9 +139,7 @@ class LLMEngine:
         # of a step add up to more than its device time; ``device_wait`` (where the runner is in
         # this process) is the part of ``result`` spent blocked on the device.
         self.host_s = {k: 0.0 for k in HOST_PHASES}
-        runner = getattr(self.executor, "runner", None)
-        if self.spec is None and self.max_seq_len > 8 and (getattr(getattr(runner, "device", None), "type", None) == "cuda" or
-                                  (runner is None and ld.config.device_class == "cuda")):
+        if on_gpu and self.spec is None and self.max_seq_len > 8:
             self._warm_up()
 
     def _warm_up(self) -> None:
