@@ -295,19 +295,9 @@ def _cpu_s(path: str) -> float | None:
 
 def process_roles(server_pid: int, client_pids: list[int]) -> dict[str, list[int]]:
     """The server's processes by role (engine core, API servers) and the client workers (Linux)."""
-    from kiln.launch.ray_launcher import descendants
+    from kiln.launch.procs import serve_roles
 
-    roles: dict[str, list[int]] = {"core": [], "api": [], "clients": list(client_pids)}
-    for pid in descendants(server_pid):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if b"kiln.launch.engine_core" in cmd:
-            roles["core"].append(pid)
-        elif b"kiln.launch.api_server" in cmd:
-            roles["api"].append(pid)
-    return roles
+    return {**serve_roles(server_pid), "clients": list(client_pids)}
 
 
 def cpu_snapshot(roles: dict[str, list[int]]) -> dict[str, float]:

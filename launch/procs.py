@@ -119,3 +119,18 @@ def reap_orphans(keep: set[int]) -> None:
 
 
 __all__ = ["alive", "become_subreaper", "die_with_parent", "reap_orphans", "read_config", "spawn", "stop_pids"]
+
+
+def serve_roles(pid: int) -> dict[str, list[int]]:
+    """The processes of the ``kiln serve`` whose parent process is ``pid``, by role: the engine
+    core (``core``) and the API servers (``api``). Linux /proc; empty lists elsewhere."""
+    from kiln.launch.ray_launcher import cmdline, descendants
+
+    roles: dict[str, list[int]] = {"core": [], "api": []}
+    for p in descendants(pid):
+        cmd = cmdline(p) or b""
+        if b"kiln.launch.engine_core" in cmd:
+            roles["core"].append(p)
+        elif b"kiln.launch.api_server" in cmd:
+            roles["api"].append(p)
+    return roles

@@ -82,18 +82,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def cmdline(pid: int) -> bytes | None:
+    """The process's command line as /proc holds it (NUL-separated), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def _ray_descendants() -> list[int]:
     """This process's descendants that belong to Ray."""
-    out = []
-    for pid in descendants(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if b"ray" in cmd:
-            out.append(pid)
-    return out
+    return [pid for pid in descendants(os.getpid()) if b"ray" in (cmdline(pid) or b"")]
 
 
 def _reap(pids: list[int], timeout: float = 3.0) -> None:

@@ -135,19 +135,9 @@ def _serve(engine: str, log_path: str, *extra: str):
 
 
 def _tree(pid: int) -> dict[str, list[int]]:
-    from kiln.launch.ray_launcher import descendants
+    from kiln.launch.procs import serve_roles
 
-    roles: dict[str, list[int]] = {"core": [], "api": []}
-    for p in descendants(pid):
-        try:
-            cmd = open(f"/proc/{p}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if b"kiln.launch.engine_core" in cmd:
-            roles["core"].append(p)
-        elif b"kiln.launch.api_server" in cmd:
-            roles["api"].append(p)
-    return roles
+    return serve_roles(pid)
 
 
 def _running(pid: int) -> bool:
