@@ -34,6 +34,7 @@ from kiln.runtime.async_engine import EngineDeadError, QueueFullError, RequestEr
 log = logging.getLogger("kiln.server")
 
 _OPEN_PATHS = {"/health"}
+READY_WAIT_S = 5.0  # a request that finds this API server's engine client not yet ready waits this long
 
 
 class ServerState:
@@ -109,6 +110,11 @@ class _Guard:
                                "authentication_error", code="invalid_api_key")
                 return await error_response(err)(scope, receive, send)
         if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+            if st.engine is not None and getattr(st.engine, "loading", False) and not st.draining:
+                # This API server's engine client has not heard from the core yet: right after
+                # start, another API server may already be answering; wait a moment before a 503.
+                with contextlib.suppress(Exception):
+                    await st.engine.wait_ready(timeout=READY_WAIT_S)
             if st.engine is None or st.draining or not st.engine.is_alive():
                 why = {"loading": "the server is loading", "draining": "the server is shutting down"}.get(
                     st.unavailable(), "the engine has stopped")
