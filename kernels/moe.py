@@ -97,6 +97,30 @@ def expert_mlp(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: tor
     return expert_mlp_ref(x, counts, w13, w2)
 
 
+def expert_rows(rows: torch.Tensor, local: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *,
+                grouped: bool) -> torch.Tensor:
+    """Each row of ``rows`` [R, H] through the MLP of local expert ``local[r]``, with no host
+    synchronisation (so it can be captured in a CUDA graph); rows whose id is outside
+    ``[0, num_local)`` come back as zeros. ``grouped``: sort the rows by expert and run two grouped
+    GEMMs; otherwise every local expert runs on every row and keeps the rows routed to it."""
+    num_local = w13.shape[0]
+    inside = (local >= 0) & (local < num_local)
+    if grouped:
+        key = torch.where(inside, local, num_local)
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(num_local + 1, dtype=torch.int64, device=rows.device)
+        counts.scatter_add_(0, key, torch.ones_like(key))
+        y_sorted = expert_mlp_grouped(rows[order].contiguous(), counts[:num_local], w13, w2)
+        y = torch.empty_like(y_sorted)
+        y[order] = y_sorted
+    else:
+        y = torch.zeros_like(rows)
+        for e in range(num_local):
+            mine = (local == e).unsqueeze(-1).to(rows.dtype)
+            y += F.linear(silu_and_mul(F.linear(rows, w13[e])), w2[e]) * mine
+    return torch.where(inside.unsqueeze(-1), y, 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole layer on one rank
 # ----------------------------------------------------------------------------------------------

@@ -37,13 +37,23 @@ and more for every ``moe_tp > 1`` too. A reduce-scatter over moe_tp followed by 
 the whole tensor-parallel group moves exactly as much as the arrangement used, but needs ranges
 that divide evenly ``tp`` ways. Ranges are padded to ``ceil(T / ep)`` rows for the all-gather, so
 the gathered tensor cut to ``T`` rows is the token order.
+
+Inside a CUDA graph (``ep_moe_forward_static``). The split sizes above are read on the host, which
+a captured decode step cannot do. The static variant sends every EP rank a buffer of fixed
+capacity instead: a token sends at most ``min(top_k, E / ep)`` rows to one rank, so ``ceil(T / ep)
+x min(top_k, E / ep)`` rows per destination always suffice. A row's place in its destination's
+buffer is its rank among this rank's rows bound there (a cumulative sum on the device), and the
+local expert id of every row travels beside it (``-1`` in the unused places). Both all-to-alls
+then have equal splits and fixed shapes, nothing is read on the host, and the receiver runs each
+row through its expert (``kiln.kernels.moe.expert_rows``). At decode sizes the padding costs
+little: 64 tokens, top-2 and ep = 2 send 64 rows of 4,096 bf16 values to each rank (0.5 MB).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kiln.kernels.moe import expert_mlp
+from kiln.kernels.moe import expert_mlp, expert_rows
 
 
 def token_range(num_tokens: int, ep_size: int, ep_rank: int) -> tuple[int, int, int]:
@@ -93,5 +103,41 @@ def ep_moe_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1
     w = weights[start:stop].reshape(-1, 1).to(x.dtype)
     out = x.new_zeros(chunk, hidden)
     out[: stop - start] = (rows * w).view(stop - start, k, hidden).sum(1)
+    out = comm.moe_tp_all_reduce(out)
+    return comm.ep_all_gather(out)[:num_tokens]
+
+
+def ep_moe_forward_static(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
+                          w2: torch.Tensor, comm, *, grouped: bool = False) -> torch.Tensor:
+    """``ep_moe_forward`` with fixed-capacity all-to-alls and no host synchronisation, for steps
+    captured in CUDA graphs (see the module docstring). Same arguments and result; ``grouped``
+    runs the experts as grouped GEMMs (``kiln.kernels.moe.grouped_mm_usable``)."""
+    ep, me = comm.ep_size, comm.ep_rank
+    num_local = w13.shape[0]
+    num_tokens, hidden = x.shape
+    k = ids.shape[1]
+    start, stop, chunk = token_range(num_tokens, ep, me)
+    if chunk == 0:
+        return torch.zeros_like(x)
+    cap = chunk * min(k, num_local)  # rows one destination can receive from this rank
+
+    # Dispatch: row j = (token start + j // k, slot j % k) goes to place pos[j] of rank dest[j]'s buffer.
+    flat = ids[start:stop].reshape(-1)
+    dest = torch.div(flat, num_local, rounding_mode="floor")
+    bound = dest.unsqueeze(1) == torch.arange(ep, device=x.device)
+    pos = (bound.to(torch.int64).cumsum(0) - 1).gather(1, dest.unsqueeze(1)).squeeze(1)
+    place = dest * cap + pos
+    send = x.new_zeros(ep * cap, hidden)
+    send[place] = x[start:stop].repeat_interleave(k, 0)
+    send_ids = torch.full((ep * cap,), -1, dtype=torch.int64, device=x.device)
+    send_ids[place] = flat - dest * num_local
+    recv = comm.all_to_all(send)
+    recv_ids = comm.all_to_all(send_ids)
+
+    # Experts, then the results go back to the places they came from.
+    back = comm.all_to_all(expert_rows(recv, recv_ids, w13, w2, grouped=grouped))
+    w = weights[start:stop].reshape(-1, 1).to(x.dtype)
+    out = x.new_zeros(chunk, hidden)
+    out[: stop - start] = (back[place] * w).view(stop - start, k, hidden).sum(1)
     out = comm.moe_tp_all_reduce(out)
     return comm.ep_all_gather(out)[:num_tokens]

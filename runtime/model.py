@@ -23,10 +23,10 @@ from torch import nn
 
 from kiln.kernels.attention import AttentionMetadata, paged_attention, rotary_write_kv
 from kiln.kernels.gemv import linear
-from kiln.kernels.moe import moe_forward, route
+from kiln.kernels.moe import grouped_mm_usable, moe_forward, route
 from kiln.kernels.norm import add_rms_norm, rms_norm
 from kiln.kernels.rotary import cos_sin_cache
-from kiln.parallel.expert_parallel import ep_moe_forward
+from kiln.parallel.expert_parallel import ep_moe_forward, ep_moe_forward_static
 from kiln.parallel.mapping import Mapping
 from kiln.runtime.config import LinearQuant, ModelConfig
 from kiln.runtime.linear import Projection
@@ -135,9 +135,9 @@ class MoE(nn.Module):
     With one expert-parallel rank (``ep == 1``) every rank runs the local experts' moe_tp slices on
     all tokens and the tensor-parallel all-reduce sums the slices. With ``ep > 1`` the tokens are
     dispatched to the ranks holding their experts and combined with all-to-all (see
-    ``kiln.parallel.expert_parallel``), except while a CUDA graph is being captured: the
-    all-to-all's split sizes are read on the host, so a captured step takes the all-reduce path,
-    which gives the same result.
+    ``kiln.parallel.expert_parallel``). Eager steps size the all-to-alls exactly (their split sizes
+    are read on the host); a step captured in a CUDA graph sends fixed-capacity buffers instead
+    (``ep_moe_forward_static``), so decode graphs keep the all-to-all.
     """
 
     def __init__(self, cfg: ModelConfig, ls: LocalShape, dtype, device):
@@ -154,9 +154,12 @@ class MoE(nn.Module):
 
     def forward(self, x, comm):
         router_logits = F.linear(x, self.gate.weight)
-        if self.ep > 1 and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if self.ep > 1:
             weights, ids = route(router_logits, self.top_k, self.renormalize)
-            return ep_moe_forward(x, weights, ids, self.experts.w13, self.experts.w2, comm)
+            w13, w2 = self.experts.w13, self.experts.w2
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return ep_moe_forward_static(x, weights, ids, w13, w2, comm, grouped=grouped_mm_usable(x, w13, w2))
+            return ep_moe_forward(x, weights, ids, w13, w2, comm)
         out = moe_forward(
             x, router_logits, self.experts.w13, self.experts.w2, self.top_k, self.renormalize, self.first_expert
         )

@@ -1,6 +1,7 @@
 """Expert-parallel dispatch and combine by all-to-all, against single-process references: gloo
 ranks with known routings (empty token ranges, ranks that receive nothing, a skewed expert), the
-moe_tp all-reduce inside it, the collective timers, and the grouped-GEMM expert path on the CPU
+moe_tp all-reduce inside it, the collective timers, the fixed-capacity variant that CUDA graphs
+capture (with every host read refused while it runs), and the grouped-GEMM expert path on the CPU
 where torch provides one."""
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from kiln.kernels.moe import (
     expert_mlp,
     expert_mlp_grouped,
     expert_mlp_ref,
+    expert_rows,
     moe_forward_dense,
     moe_forward_grouped,
     moe_forward_ref,
 )
-from kiln.parallel.expert_parallel import ep_moe_forward, token_range
+from kiln.parallel.expert_parallel import ep_moe_forward, ep_moe_forward_static, token_range
 from kiln.runtime.model import LocalComm
 
 H, I, E, K = 16, 12, 4, 2
@@ -81,6 +83,28 @@ def _rank_weights(w13, w2, ep: int, moe_tp: int, ep_rank: int, moe_tp_rank: int)
     return torch.cat([gate[:, rows], up[:, rows]], dim=1).contiguous(), w2[experts, :, rows].contiguous()
 
 
+class _no_host_reads:
+    """Refuses the tensor-to-host reads that a captured CUDA graph cannot make (``item``,
+    ``tolist``, ``cpu``, truth values and ``int()``) while the block runs."""
+
+    NAMES = ("item", "tolist", "cpu", "__bool__", "__int__", "__index__")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def refuse(name):
+            def f(*a, **k):
+                raise AssertionError(f"host read: Tensor.{name}")
+            return f
+
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, refuse(n))
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
 def _worker(rank: int, tp: int, ep: int, port: int, out_dir: str) -> None:
     try:
         os.environ["KILN_TIME_COLLECTIVES"] = "1"
@@ -94,9 +118,13 @@ def _worker(rank: int, tp: int, ep: int, port: int, out_dir: str) -> None:
         lw13, lw2 = _rank_weights(w13, w2, ep, m.moe_tp, m.moe_ep_rank, m.moe_tp_rank)
         errors = {}
         for name, (x, w, ids) in _routings().items():
+            ref = _reference(x, w, ids, w13, w2)
             got = ep_moe_forward(x, w, ids, lw13, lw2, comm)
-            errors[name] = (got - _reference(x, w, ids, w13, w2)).abs().max().item() if x.shape[0] else 0.0
-            assert got.shape == x.shape
+            with _no_host_reads():
+                static = ep_moe_forward_static(x, w, ids, lw13, lw2, comm)
+            for path, out in (("", got), ("static ", static)):
+                errors[path + name] = (out - ref).abs().max().item() if x.shape[0] else 0.0
+                assert out.shape == x.shape
         torch.save({"errors": errors, "timings": comm.timings()}, os.path.join(out_dir, f"{rank}.pt"))
         import torch.distributed as dist
 
@@ -193,3 +221,17 @@ def test_dense_path_equals_the_reference(first_expert, local, renormalize):
     _, w13, w2, x, logits = _local_case(first_expert, local, 19, seed=3)
     got = moe_forward_dense(x, logits, w13, w2, K, renormalize, first_expert)
     torch.testing.assert_close(got, moe_forward_ref(x, logits, w13, w2, K, renormalize, first_expert), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grouped", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not _grouped_on_cpu(), reason="torch._grouped_mm does not run on this CPU build"))])
+def test_expert_rows_equals_the_loop(grouped):
+    """Rows with local expert ids (some outside this rank's range, as the static EP buffers' unused
+    places are) through ``expert_rows``: each row equals its expert's MLP alone, others are zeros."""
+    g, w13, w2, x, _ = _local_case(0, E, 13, seed=4)
+    local = torch.tensor([3, -1, 0, 2, 2, 4, 1, 0, -1, 3, 1, 2, 0])
+    with _no_host_reads():
+        got = expert_rows(x, local, w13, w2, grouped=grouped)
+    for r, e in enumerate(local.tolist()):
+        want = F.linear(silu_and_mul(F.linear(x[r : r + 1], w13[e])), w2[e])[0] if 0 <= e < E else torch.zeros(H)
+        torch.testing.assert_close(got[r], want, atol=1e-5, rtol=1e-5)
