@@ -69,6 +69,15 @@ def child(a) -> None:
         t1 = min(run(batch, 1) for _ in range(2))
         tn = run(batch, a.steps + 1)
         out[f"batch{batch}_ms"] = round((tn - t1) / a.steps * 1000, 3)
+    if a.offline_requests:
+        ps = [[rng.randrange(100, 1000) for _ in range(a.isl)] for _ in range(a.offline_requests)]
+        sp = SamplingParams(max_tokens=a.osl, temperature=0.0, ignore_eos=True)
+        t = time.perf_counter()
+        res = llm.generate(ps, sp)
+        wall = time.perf_counter() - t
+        tokens = sum(len(r.outputs[0].token_ids) for r in res)
+        out.update(offline_tok_s=round(tokens / wall, 1), offline_wall_s=round(wall, 1),
+                   preemptions=int(llm.stats().get("preemptions", 0)))
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -80,6 +89,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--engines", default="/tmp/kiln-engines")
+    ap.add_argument("--offline-requests", type=int, default=0,
+                    help="also run this many offline requests of --isl/--osl tokens (ignore_eos) on the default path")
+    ap.add_argument("--isl", type=int, default=1000)
+    ap.add_argument("--osl", type=int, default=1000)
     ap.add_argument("--smoke", action="store_true", help="tiny-moe on the CPU, few steps")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
@@ -99,20 +112,26 @@ def main() -> None:
         from bench_gpu import copy_bandwidth
 
         bw = copy_bandwidth()
-    rows = []
+    offline = 4 if a.smoke and a.offline_requests else a.offline_requests
+    isl, osl = (16, 8) if a.smoke else (a.isl, a.osl)
+    rows, failed = [], []
     for model in models:
         eng = build_random_engine(model, os.path.join(a.engines, f"{model}-{dtype}-{device}-moe"), dtype=dtype,
-                                  device=device, max_batch_size=64, max_seq_len=1024, at_load=True)
+                                  device=device, max_batch_size=256 if offline else 64,
+                                  max_seq_len=max(1024, isl + osl + 16), at_load=True)
         one, every = floors(PRESETS[model], 4 if dtype == "float32" else 2)
-        for path in a.paths.split(","):
+        for k, path in enumerate(a.paths.split(",")):
             env = dict(os.environ, KILN_MOE_FUSED="1" if path == "fused" else "0")
             cmd = [sys.executable, __file__, "--child", "--engine", eng, "--steps", str(steps), "--prompt",
-                   str(16 if a.smoke else a.prompt)]
+                   str(16 if a.smoke else a.prompt), "--isl", str(isl), "--osl", str(osl),
+                   "--offline-requests", str(offline if path == "default" else 0)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
                 print(proc.stdout[-3000:] + proc.stderr[-3000:])
-                raise SystemExit(f"{model} {path}: the child failed")
+                failed.append(f"{model} {path}: exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:300]}")
+                print(failed[-1], flush=True)
+                continue
             r = json.loads(lines[-1][7:])
             row = {"model": model, "path": path, **r, "batch1_floor_ms": None, "batch64_floor_ms": None}
             if bw:
@@ -123,8 +142,12 @@ def main() -> None:
             rows.append(row)
             print(text_table([row], list(row)), flush=True)
     write_record("moe-decode", ",".join(models), {"dtype": dtype, "steps": steps, "prompt_tokens": a.prompt,
-                                                   "measured": "wall time of LLM.generate", "smoke": a.smoke},
-                 {"copy_bandwidth_gb_s": round(bw / 1e9, 1) if bw else None, "rows": rows})
+                                                   "measured": "wall time of LLM.generate", "smoke": a.smoke,
+                                                   "offline": {"requests": offline, "input_tokens": isl, "output_tokens": osl,
+                                                               "ignore_eos": True, "path": "default"} if offline else None},
+                 {"copy_bandwidth_gb_s": round(bw / 1e9, 1) if bw else None, "rows": rows, "failed": failed})
+    if failed:
+        raise SystemExit("failed: " + "; ".join(failed))
 
 
 if __name__ == "__main__":
