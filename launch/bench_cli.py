@@ -21,6 +21,7 @@ BENCHMARKS = {
     "speculative": "bench_speculative.py",
     "moe": "bench_moe.py",
     "host": "bench_host.py",
+    "long-context": "bench_long_context.py",
 }
 
 

@@ -25,6 +25,22 @@ PRESETS: dict[str, ModelConfig] = {
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
     ),
+    "llama-3.1-8b": ModelConfig(
+        architecture="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+        ),
+    ),
     "llama-3-70b": ModelConfig(
         architecture="llama",
         vocab_size=128256,

@@ -356,6 +356,9 @@ def test_presets_published_shapes():
     assert q.qk_norm
     assert 29e9 < q.num_parameters() < 32e9
     assert 7.9e9 < resolve_preset("llama-3-8b").num_parameters() < 8.1e9
+    l31 = resolve_preset("llama-3.1-8b")  # llama-3-8b's weights with Llama 3.1's 128k rope scaling
+    assert l31.num_parameters() == resolve_preset("llama-3-8b").num_parameters()
+    assert l31.max_position_embeddings == 131072 and l31.rope_scaling.factor == 8.0
     assert 69e9 < resolve_preset("llama-3-70b").num_parameters() < 72e9
     assert 46e9 < resolve_preset("mixtral-8x7b").num_parameters() < 47.5e9
     for name in ("tiny-llama", "tiny-moe", "tiny-qwen3"):
