@@ -19,7 +19,14 @@ from kiln.runtime.prompt_logprobs import add_prompt_logprobs
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Request, Sequence
-from kiln.runtime.speculative import GPU_STEP_TOKEN_BUDGET, NgramProposer, ProposalLength, parse_config, within_budget
+from kiln.runtime.speculative import (
+    GPU_STEP_TOKEN_BUDGET,
+    NGRAM_MISS_LIMIT,
+    NgramProposer,
+    ProposalLength,
+    parse_config,
+    within_budget,
+)
 
 
 HOST_PHASES = ("schedule", "launch", "result", "process", "outputs")
@@ -96,7 +103,6 @@ class LLMEngine:
                 raise
         elif self.spec is not None:
             self.proposer = NgramProposer(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min)
-        self.proposal_length = ProposalLength(self.spec.num_speculative_tokens, self.spec.min_acceptance) if self.spec else None
         self.spec_proposed = self.spec_accepted = 0
         self.spec_cut = 0  # proposals the step budget did not make room for
         self._step_budget = None
@@ -114,6 +120,14 @@ class LLMEngine:
         if async_scheduling and not can_launch:
             raise ValueError("async_scheduling needs an executor that can launch a step without waiting for it")
         self.async_scheduling = bool(async_scheduling)
+        # n-gram lookups that keep missing wait for probe steps where steps overlap, so that a batch
+        # with nothing to propose runs planned ahead like one without speculation
+        misses = NGRAM_MISS_LIMIT if self.async_scheduling and self.proposer is not None else None
+        self.proposal_length = ProposalLength(self.spec.num_speculative_tokens, self.spec.min_acceptance,
+                                              miss_limit=misses) if self.spec else None
+        self._probe = False  # this step is a probe step (see ProposalLength)
+        if self.spec is not None and runner is not None and getattr(runner, "graphs", None) is not None:
+            self._graphs_for_verification(runner)
         # A grammar sequence whose last token is in flight runs in the next step with its mask
         # applied after the launch (once that token is seen) where the executor can take late
         # masks; elsewhere it sits out that step.
@@ -247,6 +261,8 @@ class LLMEngine:
 
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.spec is not None:
+            self._probe = self.proposal_length.probe_step(self.num_steps)
         overlap = self._can_overlap()  # scheduling below only removes requests: it stays valid
         if self._inflight is not None and (not overlap or self._all_wait_for_host()):
             self._drain()
@@ -322,7 +338,9 @@ class LLMEngine:
     # --- overlapped scheduling ------------------------------------------------------------------
     def _can_overlap(self) -> bool:
         """Whether the next step may be planned before the last one's tokens are seen: always with
-        overlapped scheduling on, except while speculating (proposals need the last tokens).
+        overlapped scheduling on, except where a sequence looks up proposals in it (a lookup needs
+        the last token). n-gram speculation overlaps the steps where no lookup is due (see
+        ``ProposalLength``); the other proposers never overlap.
 
         Nothing else needs the host to have every token: the workers count the in-flight tokens
         (still on the device) into penalties and min_tokens, a fork (n > 1) happens on the step
@@ -330,7 +348,18 @@ class LLMEngine:
         under a grammar, whose next mask needs its last token on the host, is launched with the
         rest and draws its token once the mask is known (``late_masks``), or, where the executor
         cannot do that, sits out the steps planned while its token is in flight."""
-        return self.async_scheduling and self.spec is None
+        if not self.async_scheduling:
+            return False
+        return self.spec is None or (self.proposal_length.miss_limit is not None and not self._spec_wanted())
+
+    def _spec_wanted(self) -> bool:
+        """Whether some running sequence would look up proposals in the next step (its last token
+        must be on the host for that), with room in the step's budget for at least one."""
+        running = self.scheduler.running
+        if self._step_budget is not None and self._step_budget <= len(running):
+            return False
+        pl, probe = self.proposal_length, self._probe
+        return any(self._may_speculate(seq) and pl.k(seq.spec_rate, seq.spec_misses, probe) > 0 for seq in running)
 
     def _all_wait_for_host(self) -> bool:
         """True when every sequence that could run next needs a token still in flight (grammar
@@ -495,7 +524,7 @@ class LLMEngine:
             left = self.max_seq_len - len(seq.token_ids)
             if p.max_tokens is not None:
                 left = min(left, p.max_tokens - seq.num_output)
-            k = min(self.proposal_length.k(seq.spec_rate, seq.spec_idle), left - 1)
+            k = min(self.proposal_length.k(seq.spec_rate, seq.spec_misses, self._probe), left - 1)
             wanted.append((seq, k))
         if self._step_budget is not None and wanted:
             # the decode rows of this step come first; proposals share what is left
@@ -514,8 +543,19 @@ class LLMEngine:
                     seq.draft = self.proposer.propose(seq.token_ids, k) or None
         else:
             self._propose_draft(wanted)
-        for seq, _ in wanted:
-            seq.spec_idle = 0 if seq.draft else seq.spec_idle + 1
+        for seq, k in wanted:
+            if k > 0:
+                seq.spec_misses = 0 if seq.draft else seq.spec_misses + 1
+
+    def _graphs_for_verification(self, runner) -> None:
+        """A verifying step runs as decode rows, one per position (``ModelRunner._rows_as_decode``),
+        in the decode graphs where they fit: capture them for as many rows as the step budget lets
+        a verifying step hold, and hold the budget to what the graphs take."""
+        rows = min(self._step_budget or GPU_STEP_TOKEN_BUDGET, self.max_num_tokens)
+        if runner.graphs.buckets[-1] < rows:
+            runner.enable_cuda_graphs(self.max_seq_len, rows=rows, warm=False)
+        cap = runner.graphs.buckets[-1]
+        self._step_budget = cap if self._step_budget is None else min(self._step_budget, cap)
 
     def _propose_draft(self, wanted) -> None:
         """The draft model's proposals for all speculating sequences at once; the distributions of

@@ -52,6 +52,9 @@ class ModelRunner:
         mp = model.mapping
         self.samples = mp.is_last_stage and mp.tp_rank == 0  # the rank that samples and reports tokens
         self.keep_logits = False  # tests: keep every row's logits of the last step in last_logits
+        # Verifying steps as decode rows (one per position): None where the decode graphs take
+        # them; True or False forces it (tests check the rows without graphs on a CPU).
+        self.verify_as_decode: bool | None = None
         self.last_logits: torch.Tensor | None = None
         self._fork_parent: dict[int, int] = {}
         self.graphs = None  # DecodeGraphs once enable_cuda_graphs() has captured them
@@ -257,16 +260,20 @@ class ModelRunner:
                      triton_attention.decode_tuned_table())
         return times
 
-    def enable_cuda_graphs(self, max_seq_len: int) -> None:
-        """Captures decode graphs for batch buckets up to max_batch_size (one pipeline stage only)."""
+    def enable_cuda_graphs(self, max_seq_len: int, rows: int | None = None, warm: bool = True) -> None:
+        """Captures decode graphs for row buckets up to ``rows`` (default max_batch_size; one
+        pipeline stage only). A speculating engine asks for more rows than sequences: its
+        verifying steps run as decode rows, one per position (see ``_rows_as_decode``)."""
         from kiln.kernels import triton_ops
         from kiln.runtime.cuda_graph import DecodeGraphs
 
         if self.device.type != "cuda" or self.model.mapping.pp > 1 or not triton_ops.available():
             return
-        self.graphs = DecodeGraphs(self.model, self.kv, self.max_batch_size, max_seq_len, self.block_size)
+        self.graphs = None  # the old graphs' memory goes back before the new ones are captured
+        self.graphs = DecodeGraphs(self.model, self.kv, rows or self.max_batch_size, max_seq_len, self.block_size)
         self.graphs.capture()
-        self.warm_kernels(max_seq_len)
+        if warm:
+            self.warm_kernels(max_seq_len)
 
     def warm_kernels(self, max_seq_len: int, force: bool = False) -> None:
         """Compiles at load what the decode graphs do not: the kernels of a prefill step and of a
@@ -388,6 +395,31 @@ class ModelRunner:
             return None
         return order, [self._drafts[sid][1] for sid in order], logits, [self._draft_probs.get(sid) for sid in order]
 
+    def _verify_as_decode(self, work, plan: StepPlan, num_rows: int) -> bool:
+        """Whether this verifying step runs as decode rows: every chunk of more than one token is
+        a speculating sequence's (no prompt in the step), one pipeline stage, and the rows fit
+        the decode graphs (or ``verify_as_decode`` asks for it without graphs)."""
+        want = self.verify_as_decode
+        if want is None:
+            want = self.graphs is not None and self.graphs.fits(num_rows)
+        if not want or self.model.mapping.pp > 1 or self.keep_logits or plan.prompt_logprobs:
+            return False
+        return all(n <= 1 or sid in self._drafts for sid, n, _ in work)
+
+    @staticmethod
+    def _rows_as_decode(qlens: list[int], slens: list[int], tables: list[list[int]]):
+        """A chunk of ``n`` tokens ending at context ``end`` as ``n`` decode rows: row ``j`` has
+        context ``end - n + j + 1`` and the sequence's block table. Each layer writes every row's
+        K and V before any row attends, so a row sees the proposals before it and not those after:
+        the chunk's causal mask, with the decode kernels (and their CUDA graphs)."""
+        q1, s1, t1 = [], [], []
+        for n, end, tbl in zip(qlens, slens, tables):
+            for j in range(n):
+                q1.append(1)
+                s1.append(end - n + j + 1)
+                t1.append(tbl)
+        return q1, s1, t1
+
     def _drop_drafts(self) -> None:
         """Proposals live for one step: the sequences lose them once the forward pass has run."""
         for sid, (base, _) in self._drafts.items():
@@ -479,6 +511,8 @@ class ModelRunner:
             return PendingStep(result)
         t0 = time.perf_counter()
         ids, pos, slots, qlens, slens, tables, sample_rows = self._gather(work)
+        if self._drafts and self._verify_as_decode(work, plan, len(ids)):
+            qlens, slens, tables = self._rows_as_decode(qlens, slens, tables)
         self.last_step_decode_only = len(ids) == len(qlens)
         self.last_step_seqs = len(qlens)
         ev = None

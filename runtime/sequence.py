@@ -50,7 +50,7 @@ class Sequence:
     spec_k: int = 0                      # proposals in that step (0: none)
     spec_resync: bool = False            # the workers' num_computed must be reset on the next step
     spec_rate: float | None = None       # running share of its proposals that stood (None: none verified)
-    spec_idle: int = 0                   # steps since it last proposed
+    spec_misses: int = 0                 # lookups in a row that found no proposal
 
     @property
     def output_ids(self) -> list[int]:

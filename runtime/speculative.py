@@ -44,6 +44,11 @@ that cost little; above it each row adds compute, and a proposal that falls is t
 limit there, where tests exercise speculation at every batch size."""
 
 
+NGRAM_MISS_LIMIT = 4
+"""n-gram lookups in a row that may find nothing before a never-verified sequence waits for probe
+steps (where steps overlap; see ``ProposalLength``)."""
+
+
 class SpeculativeConfig(BaseModel):
     """How the engine speculates. ``method``: "ngram" (prompt lookup: proposals copied from earlier
     in the sequence), "draft" (a smaller model proposes: ``draft_engine`` is a kiln engine
@@ -97,22 +102,31 @@ class ProposalLength:
     proposal; an average over its recent verifications that starts at ``prior``): the largest
     ``j <= k_max`` with ``a ** j >= min_acceptance``, the chance that the j-th proposal is reached
     and stands against the cost of verifying it. A sequence whose proposals keep falling stops
-    proposing and tries one proposal every ``probe_every`` steps, which updates ``a`` again."""
+    proposing and tries one proposal on probe steps (every ``probe_every`` engine steps), which
+    updates ``a`` again. With ``miss_limit``, a sequence never verified whose last ``miss_limit``
+    lookups found nothing also waits for probe steps: the engine then plans its steps ahead
+    (overlapped scheduling) instead of waiting for every token to look the next proposal up."""
 
-    def __init__(self, k_max: int, min_acceptance: float, prior: float = 0.5, decay: float = 0.5, probe_every: int = 16):
+    def __init__(self, k_max: int, min_acceptance: float, prior: float = 0.5, decay: float = 0.5, probe_every: int = 16,
+                 miss_limit: int | None = None):
         self.k_max, self.min_acceptance = k_max, min_acceptance
-        self.prior, self.decay, self.probe_every = prior, decay, probe_every
+        self.prior, self.decay, self.probe_every, self.miss_limit = prior, decay, probe_every, miss_limit
 
-    def k(self, rate: float | None, idle_steps: int) -> int:
-        """Proposals for a sequence with running rate ``rate`` (None: no verification yet) that has
-        proposed nothing for ``idle_steps`` steps."""
+    def k(self, rate: float | None, misses: int = 0, probe: bool = False) -> int:
+        """Proposals for a sequence with running rate ``rate`` (None: no verification yet) whose
+        last ``misses`` lookups found nothing; ``probe``: this is a probe step."""
         a = self.prior if rate is None else rate
         k = 0
         while k < self.k_max and a ** (k + 1) >= self.min_acceptance and a > 0:
             k += 1
-        if k == 0 and idle_steps + 1 >= self.probe_every:
-            k = 1
+        if k == 0:
+            return 1 if probe else 0
+        if rate is None and self.miss_limit is not None and misses >= self.miss_limit and not probe:
+            return 0
         return k
+
+    def probe_step(self, step: int) -> bool:
+        return step % self.probe_every == self.probe_every - 1
 
     def update(self, rate: float | None, proposed: int, accepted: int) -> float:
         """The running rate after a verification of ``proposed`` proposals of which ``accepted`` stood."""

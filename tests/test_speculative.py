@@ -104,7 +104,12 @@ def test_proposal_length_follows_acceptance():
     pl = ProposalLength(k_max=4, min_acceptance=0.02)
     assert pl.k(None, 0) == 4 and pl.k(0.9, 0) == 4  # 0.5 ** 4 >= 0.02
     assert pl.k(0.2, 0) == 2  # 0.2 ** 2 = 0.04 >= 0.02 > 0.2 ** 3
-    assert pl.k(0.01, 0) == 0 and pl.k(0.01, 15) == 1 and pl.k(0.0, 15) == 1  # a probe every 16 idle steps
+    assert pl.k(0.01) == 0 and pl.k(0.01, probe=True) == 1 and pl.k(0.0, probe=True) == 1  # one on probe steps
+    assert [s for s in range(64) if pl.probe_step(s)] == [15, 31, 47, 63]
+    assert pl.k(None, 50) == 4  # no miss limit: lookups every step
+    backoff = ProposalLength(k_max=4, min_acceptance=0.02, miss_limit=4)
+    assert backoff.k(None, 3) == 4 and backoff.k(None, 4) == 0 and backoff.k(None, 4, probe=True) == 4
+    assert backoff.k(0.9, 40) == 4  # a sequence whose proposals stand keeps looking up
     rate = None
     for _ in range(6):  # nothing ever stands: the rate halves each time
         rate = pl.update(rate, 4, 0)
@@ -246,16 +251,22 @@ def assert_equal_solo(outputs, workload, solo, skip=()):
     ("in-flight", dict(num_kv_blocks=2048, max_num_tokens=512)),
     ("prefix-off", dict(num_kv_blocks=2048, max_num_tokens=512, enable_prefix_caching=False)),
     ("preemption", dict(num_kv_blocks=40, max_num_tokens=256, scheduler_policy="max_utilization")),
+    # verifying steps as decode rows (what CUDA graphs run), and steps planned ahead where no lookup is due
+    ("decode-rows+overlap", dict(num_kv_blocks=2048, max_num_tokens=512, async_scheduling=True)),
 ])
 def test_greedy_equals_the_target_alone(name, kwargs, small_engine, solo):
     workload = repetitive(make_workload(seed=1, count=64, max_prompt=300, max_out=40, shared_prefix=120))
     engine = LLMEngine(small_engine, speculative_config=SPEC, **kwargs)
+    if name == "decode-rows+overlap":
+        engine.executor.runner.verify_as_decode = True
     outputs = run_over_time(engine, workload)
     ties = assert_equal_solo(outputs, workload, solo)
     st = engine.stats()
     print(f"{name}: proposed={st['spec_proposed_tokens']} accepted={st['spec_accepted_tokens']} "
           f"preemptions={st['preemptions']} ties={ties}")
     assert st["spec_accepted_tokens"] > 0 and st["spec_proposed_tokens"] > st["spec_accepted_tokens"]
+    if name == "decode-rows+overlap":
+        assert st["overlapped_steps"] > 0 and st["synced_steps"] > 0, st
     assert st["kv_blocks_used"] == 0
     engine.block_manager.check_invariants()
     if name == "preemption":
