@@ -60,13 +60,13 @@ def _ids_workload(n: int, seed: int):
     return [([rng.randrange(3, 2048) for _ in range(rng.randint(1, 300))], rng.randint(1, 40)) for _ in range(n)]
 
 
-def _run_ids(engine: LLMEngine, work, per_step: int = 3) -> dict:
+def _run_ids(engine: LLMEngine, work, per_step: int = 3, logprobs: int | None = 2) -> dict:
     pending = list(enumerate(work))
     outs = {}
     while pending or engine.has_unfinished():
         for _ in range(min(per_step, len(pending))):
             i, (p, m) = pending.pop(0)
-            engine.add_request(str(i), p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=2))
+            engine.add_request(str(i), p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=logprobs))
         for o in engine.step():
             assert all(t >= 0 for t in o.outputs[0].token_ids)
             if o.finished:
@@ -101,3 +101,31 @@ def test_gpu_overlapped_scheduling(dtype, small_checkpoint, small_engine, tmp_pa
                     lps = sorted((lp.logprob for lp in r.logprobs[j].values()), reverse=True)
                     assert lps[0] - lps[1] < tie, f"{name}: request {i}, token {j} differs ({a} vs {b}), gap {lps[0] - lps[1]:.2e}"
                     break
+
+
+def test_gpu_speculation_verifies_in_cuda_graphs(small_checkpoint, tmp_path, monkeypatch):
+    """n-gram speculation on the GPU, float32: verifying steps run as decode rows inside the decode
+    graphs (captured for the step budget's rows), steps with no lookup due overlap, and every
+    request gives the tokens of the same engine without speculation (or differs at a near-tie)."""
+    from kiln.runtime.model_runner import ModelRunner
+
+    gpu = build_engine(small_checkpoint, str(tmp_path / "gpu"), BuildConfig(dtype="float32", max_seq_len=1024, max_batch_size=8),
+                       device_class="cuda", progress=False)
+    rows = []
+    real = ModelRunner._rows_as_decode
+    monkeypatch.setattr(ModelRunner, "_rows_as_decode", staticmethod(lambda *a: rows.append(1) or real(*a)))
+    work = [((p[: len(p) // 3] * 3)[: len(p)], m) for p, m in _ids_workload(24, seed=5)]  # prompts that repeat themselves
+    spec = LLMEngine(gpu, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    assert spec.executor.runner.graphs.buckets[-1] == 256 and spec.stats()["spec_step_token_budget"] == 256
+    got = _run_ids(spec, work, logprobs=None)  # requests with logprobs do not speculate
+    st = spec.stats()
+    assert st["spec_accepted_tokens"] > 0 and rows and st["overlapped_steps"] > 0, st
+    ref = _run_ids(LLMEngine(gpu), work)
+    for i in range(len(work)):
+        r, g = ref[i], got[i]
+        assert len(g.token_ids) == len(r.token_ids) == work[i][1]
+        for j, (a, b) in enumerate(zip(g.token_ids, r.token_ids)):
+            if a != b:
+                lps = sorted((lp.logprob for lp in r.logprobs[j].values()), reverse=True)
+                assert lps[0] - lps[1] < TIE, f"request {i}, token {j} differs ({a} vs {b}), gap {lps[0] - lps[1]:.2e}"
+                break
