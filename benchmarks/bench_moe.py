@@ -1,13 +1,14 @@
 """MoE decode against its floors, as a user meets it (wall time of ``LLM.generate``), with the
-expert path the engine picks and with the fused kernels of ``kiln.kernels.moe_triton``
-(``KILN_MOE_FUSED=1``), each in a process of its own:
+expert path the engine picks, with the fused kernels of ``kiln.kernels.moe_triton``
+(``KILN_MOE_FUSED=1``) and with its GEMV kernels for the fewest rows (``KILN_MOE_GEMV=1``; batch 64
+takes the default path there), each in a process of its own:
 
 * batch 1: the step reads attention, norms, the router, the ``top_k`` routed experts of every
   layer and the LM head; floor = those bytes / the measured copy bandwidth;
 * batch 64: every expert is read once (with 64 tokens x top_k rows nearly all are chosen); floor =
   all weights but the embedding table / bandwidth.
 
-    python benchmarks/bench_moe.py --models mixtral-8x7b,qwen3-30b-a3b --paths default,fused
+    python benchmarks/bench_moe.py --models mixtral-8x7b,qwen3-30b-a3b --paths default,fused,gemv
     python benchmarks/bench_moe.py --smoke        # tiny-moe on the CPU: the script itself
 
 Random-weight engines drawn at load. Writes a "moe-decode" record.
@@ -84,7 +85,7 @@ def child(a) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="mixtral-8x7b,qwen3-30b-a3b")
-    ap.add_argument("--paths", default="default,fused", help="default (the engine's choice) and/or fused")
+    ap.add_argument("--paths", default="default,fused,gemv", help="default (the engine's choice), fused and/or gemv (KILN_MOE_FUSED=1, KILN_MOE_GEMV=1)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
@@ -120,8 +121,8 @@ def main() -> None:
                                   device=device, max_batch_size=256 if offline else 64,
                                   max_seq_len=max(1024, isl + osl + 16), at_load=True)
         one, every = floors(PRESETS[model], 4 if dtype == "float32" else 2)
-        for k, path in enumerate(a.paths.split(",")):
-            env = dict(os.environ, KILN_MOE_FUSED="1" if path == "fused" else "0")
+        for path in a.paths.split(","):
+            env = dict(os.environ, KILN_MOE_FUSED="1" if path == "fused" else "0", KILN_MOE_GEMV="1" if path == "gemv" else "0")
             cmd = [sys.executable, __file__, "--child", "--engine", eng, "--steps", str(steps), "--prompt",
                    str(16 if a.smoke else a.prompt), "--isl", str(isl), "--osl", str(osl),
                    "--offline-requests", str(offline if path == "default" else 0)]

@@ -162,12 +162,14 @@ def moe_forward_dense(x, router_logits, w13, w2, top_k: int, renormalize: bool, 
 
 
 def moe_forward(x, router_logits, w13, w2, top_k: int, renormalize: bool, first_expert: int = 0):
-    """The layer on this rank: the fused Triton kernels of ``kiln.kernels.moe_triton`` for few
-    rows where opted in (``KILN_MOE_FUSED=1``); grouped GEMMs where usable; the dense path while a
-    CUDA graph is being captured (the reference loop synchronises with the host); the reference
-    loop elsewhere."""
-    from kiln.kernels.moe_triton import fused_usable, moe_forward_fused
+    """The layer on this rank: the GEMV kernels of ``kiln.kernels.moe_triton`` for the fewest rows
+    where opted in (``KILN_MOE_GEMV=1``), its fused kernels for few rows where opted in
+    (``KILN_MOE_FUSED=1``); grouped GEMMs where usable; the dense path while a CUDA graph is being
+    captured (the reference loop synchronises with the host); the reference loop elsewhere."""
+    from kiln.kernels.moe_triton import fused_usable, gemv_usable, moe_forward_fused, moe_forward_gemv
 
+    if x.shape[0] and gemv_usable(x, w13, w2, top_k):
+        return moe_forward_gemv(x, router_logits, w13, w2, top_k, renormalize, first_expert)
     if x.shape[0] and fused_usable(x, w13, w2, top_k):
         return moe_forward_fused(x, router_logits, w13, w2, top_k, renormalize, first_expert)
     if x.shape[0] and grouped_mm_usable(x, w13, w2):

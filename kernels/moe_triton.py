@@ -29,7 +29,7 @@ from kiln.kernels import triton_ops
 from kiln.kernels.activation import silu_and_mul
 from kiln.kernels.triton_ops import _cdiv, _jit, tl
 
-__all__ = ["align", "moe_forward_fused", "fused_usable", "BLOCK_M"]
+__all__ = ["align", "moe_forward_fused", "fused_usable", "moe_forward_gemv", "gemv_usable", "BLOCK_M"]
 
 BLOCK_M = 16
 """Rows per block: the smallest tile the tensor cores take."""
@@ -144,5 +144,111 @@ def fused_usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: in
     if os.environ.get("KILN_MOE_FUSED") != "1":
         return False
     if not (x.is_cuda and triton_ops.available()) or x.shape[0] * top_k > FUSED_MAX_ROWS:
+        return False
+    return w13.is_contiguous() and w2.is_contiguous() and x.dtype == w13.dtype == w2.dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# The fewest rows (a batch of one to a few tokens): one GEMV per (token, slot) pair
+# ----------------------------------------------------------------------------------------------
+GEMV_MAX_ROWS = 16
+"""The most (token, slot) rows a step may route for ``moe.moe_forward`` to take the GEMV path."""
+
+
+@_jit
+def _moe_up_gemv_kernel(
+    x_ptr, w_ptr, ids_ptr, h_ptr, I, K, sx, swe, swn, first_expert, num_local,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """h[pair, n] = silu(gate) * up of the pair's expert on its token, for BLOCK_N columns n."""
+    pair = tl.program_id(0)
+    e = tl.load(ids_ptr + pair).to(tl.int64) - first_expert
+    if (e < 0) | (e >= num_local):
+        return  # another rank's expert: the down kernel never reads this row
+    t = pair // TOP_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < I
+    wg = w_ptr + e * swe + offs_n.to(tl.int64)[:, None] * swn + offs_k[None, :]
+    wu = wg + I * swn
+    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k0 + offs_k < K
+        xv = tl.load(x_ptr + t * sx + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        m = n_ok[:, None] & k_ok[None, :]
+        acc_g += tl.sum(tl.load(wg + k0, mask=m, other=0.0).to(tl.float32) * xv[None, :], axis=1)
+        acc_u += tl.sum(tl.load(wu + k0, mask=m, other=0.0).to(tl.float32) * xv[None, :], axis=1)
+    dt = h_ptr.dtype.element_ty
+    g = acc_g.to(dt).to(tl.float32)  # each product rounded as F.linear's, then silu_and_mul's own roundings
+    u = acc_u.to(dt).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    tl.store(h_ptr + pair.to(tl.int64) * I + offs_n, (s * u).to(dt), mask=n_ok)
+
+
+@_jit
+def _moe_down_gemv_kernel(
+    h_ptr, w_ptr, ids_ptr, wt_ptr, out_ptr, H, I, swe, swn, so, first_expert, num_local,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[t, n] = sum over the token's slots of (w2[e] . h[pair])[n] x its routing weight."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < H
+    dt = out_ptr.dtype.element_ty
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        pair = t * TOP_K + j
+        e = tl.load(ids_ptr + pair).to(tl.int64) - first_expert
+        mine = (e >= 0) & (e < num_local)
+        e = tl.where(mine, e, 0)
+        k_end = tl.where(mine, I, 0)  # another rank's expert reads nothing and adds nothing
+        w_rows = w_ptr + e * swe + offs_n.to(tl.int64)[:, None] * swn + offs_k[None, :]
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            k_ok = k0 + offs_k < k_end
+            hv = tl.load(h_ptr + pair.to(tl.int64) * I + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(tl.load(w_rows + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * hv[None, :],
+                          axis=1)
+        wt = tl.load(wt_ptr + pair).to(dt).to(tl.float32)
+        # the product rounded to the activation dtype, then the weight multiplied in it, as the reference
+        out += (acc.to(dt).to(tl.float32) * wt).to(dt).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * so + offs_n, out.to(dt), mask=n_ok)
+
+
+def moe_forward_gemv(x, router_logits, w13, w2, top_k: int, renormalize: bool, first_expert: int = 0,
+                     block_n: int = 32, block_k: int = 128):
+    """``moe.moe_forward_ref`` for a few tokens by two GEMV kernels and no sorting: the first runs
+    each (token, slot) pair's gate and up rows with ``silu_and_mul`` fused, the second each
+    token's down rows over its slots, weighted and summed. Every chosen expert is read once per
+    pair; nothing synchronises with the host. Rows routed to other ranks' experts add nothing."""
+    from kiln.kernels.moe import route
+
+    weights, ids = route(router_logits, top_k, renormalize)
+    t, k = ids.shape
+    num_local, two_i, h_dim = w13.shape
+    inter = two_i // 2
+    x = x.contiguous()
+    ids = ids.contiguous()
+    h = torch.empty((t * k, inter), dtype=x.dtype, device=x.device)
+    _moe_up_gemv_kernel[(t * k, _cdiv(inter, block_n))](
+        x, w13, ids, h, inter, h_dim, x.stride(0), w13.stride(0), w13.stride(1), first_expert, num_local,
+        TOP_K=k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    out = torch.empty((t, h_dim), dtype=x.dtype, device=x.device)
+    _moe_down_gemv_kernel[(t, _cdiv(h_dim, block_n))](
+        h, w2, ids, weights.reshape(-1).contiguous(), out, h_dim, inter, w2.stride(0), w2.stride(1), out.stride(0),
+        first_expert, num_local, TOP_K=k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return out
+
+
+def gemv_usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> bool:
+    """Opted in (``KILN_MOE_GEMV=1``: checked against the reference on CPUs under the interpreter,
+    not yet timed on a GPU), CUDA with Triton, at most ``GEMV_MAX_ROWS`` rows, contiguous experts."""
+    if os.environ.get("KILN_MOE_GEMV") != "1":
+        return False
+    if not (x.is_cuda and triton_ops.available()) or x.shape[0] * top_k > GEMV_MAX_ROWS:
         return False
     return w13.is_contiguous() and w2.is_contiguous() and x.dtype == w13.dtype == w2.dtype

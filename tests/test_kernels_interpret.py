@@ -26,7 +26,7 @@ in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRE
 
 from kiln.kernels.activation import silu_and_mul_ref  # noqa: E402
 from kiln.kernels.moe import moe_forward_ref, route  # noqa: E402
-from kiln.kernels.moe_triton import align, moe_forward_fused  # noqa: E402
+from kiln.kernels.moe_triton import align, moe_forward_fused, moe_forward_gemv  # noqa: E402
 from kiln.kernels.attention import KV_FP8_DTYPE, paged_attention_ref, quantize_kv, rotary_write_kv_ref  # noqa: E402
 from kiln.kernels.norm import add_rms_norm_ref, rms_norm_ref  # noqa: E402
 
@@ -427,6 +427,31 @@ def test_fused_equals_the_reference(t, first_expert, num_local, dtype):
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         else:  # the slot sum in float32 against the reference's bfloat16 index_add, truncating casts
             torch.testing.assert_close(got.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+@in_child
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,first_expert,num_local,block_n,block_k", [(1, 0, E, 32, 128), (3, 2, 4, 16, 32), (8, 4, 4, 32, 16)])
+def test_gemv_path_equals_the_reference(t, first_expert, num_local, block_n, block_k, dtype):
+    """The two GEMV kernels of the fewest rows: one token or a few, all experts local or an
+    expert-parallel rank's share (other ranks' rows add nothing), column and K tails, both
+    renormalisations. The slot sum runs in float32 against the reference's index_add."""
+    g = torch.Generator().manual_seed(20 + t)
+    x = torch.randn(t, H, generator=g).to(dtype)
+    logits = torch.randn(t, E, generator=g)
+    w13, w2 = _weights(dtype, 21 + t, num_local)
+    for renormalize in (True, False):
+        got = moe_forward_gemv(x, logits, w13, w2, K, renormalize, first_expert, block_n=block_n, block_k=block_k)
+        ref = moe_forward_ref(x, logits, w13, w2, K, renormalize, first_expert)
+        assert got.dtype == dtype and got.shape == ref.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(got.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    if num_local < E:  # a token routed only to other ranks' experts gets zeros
+        lg = torch.full((1, E), -10.0)
+        lg[0, (first_expert + num_local) % E], lg[0, (first_expert + num_local + 1) % E] = 5.0, 4.0
+        assert torch.equal(moe_forward_gemv(x[:1], lg, w13, w2, K, True, first_expert), torch.zeros(1, H, dtype=dtype))
 
 
 @in_child
