@@ -66,7 +66,11 @@ class GrammarCompiler:
     """Compiles ``response_format`` values for one tokenizer; compiled grammars are cached."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int] | None = None, cache_size: int = 64):
-        import xgrammar as xgr
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            raise ValueError("response_format needs the xgrammar package, which this server lacks: "
+                             "pip install xgrammar (a kiln dependency)") from None
 
         self.vocab_size = int(vocab_size)
         if stop_token_ids is None:

@@ -106,3 +106,21 @@ def test_engine_output_parses(env):
     out = s.generate(ids, SamplingParams(max_tokens=60, temperature=0.0, response_format={"type": "json_object"})).outputs[0]
     assert out.finish_reason == "stop", out.text
     assert isinstance(json.loads(out.text), dict)
+
+
+def test_without_xgrammar_a_grammar_request_gets_one_clear_line(env, monkeypatch):
+    """A server whose environment lacks xgrammar refuses response_format as a bad request that
+    names the package, not as an internal error."""
+    import sys
+
+    from kiln.runtime.engine import RequestError
+
+    tok, vocab = env[1], env[2]
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar now raises ImportError
+    with pytest.raises(ValueError, match="needs the xgrammar package"):
+        GrammarCompiler(tok, vocab)
+    engine = env[0].llm.engine
+    monkeypatch.setattr(engine, "_grammars", None)  # the compiler is made again on the next grammar request
+    with pytest.raises(RequestError, match="xgrammar"):
+        engine.add_request("g", [1, 2, 3], SamplingParams(max_tokens=2, response_format={"type": "json_object"}))
+    assert "g" not in engine.requests
