@@ -210,6 +210,8 @@ def run_burst(pool, server, url, model, prompts: Prompts, clients: int, prompt_l
     n = burst_procs(clients, len(pool.procs))
     own = ClientPool(n) if n > len(pool.procs) else None
     try:
+        if own is not None:
+            own.warm(url)
         m0 = server.metrics()
         res, t0 = (own or pool).run(url, model, [_req(prompts.make(prompt_len), out_len, temperature=temperature)
                                                  for _ in range(clients)])
@@ -663,6 +665,7 @@ def main(argv=None) -> dict:
             status, body = http_get(server.url + "/v1/models")
             model = json.loads(body)["data"][0]["id"]
             url = server.url
+            pool.warm(url)  # the clients' own first-connection costs are not the server's
             print(f"kiln serve up in {timings['server_start_s']} s at {url} (log {log_path})", flush=True)
 
             def phase(name, fn):
@@ -779,7 +782,7 @@ def main(argv=None) -> dict:
     settings = {
         "engine": os.path.basename(os.path.normpath(engine_dir)), **{k: v for k, v in es.items() if k != "model"},
         "workloads": a.workloads, "smoke": a.smoke, "engine_ratio": a.engine_ratio, "api_server_count": a.api_server_count,
-        "client_procs": a.client_procs, "client": "openai streaming completions, ignore_eos via extra_body",
+        "client_procs": a.client_procs, "client": "openai streaming completions, ignore_eos via extra_body; each client process lists the models once before the workloads",
         "temperature": a.temperature, "seed": a.seed,
         "concurrent": {"clients": a.clients, "prompt_tokens": a.prompt_len, "output_tokens": a.output_len},
         "fresh_ttft": {"lengths": lengths, "output_tokens": 1, "range": [a.ttft_min, a.ttft_max]},
