@@ -38,6 +38,8 @@ def _add_build(sub) -> None:
     p.add_argument("--group-size", type=int, default=128, help="--quant int4-awq: input columns per scale and zero point")
     p.add_argument("--int4-search", default="awq", choices=["awq", "rtn"],
                    help="--quant int4-awq: AWQ's activation-aware scale search, or plain round-to-nearest")
+    p.add_argument("--fp8-rounding", default="gptq", choices=["gptq", "rtn"],
+                   help="--quant fp8: GPTQ's rounding against the calibration text's inputs, or plain round-to-nearest")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device class the engine targets (default: cuda if present)")
     for flag in ("tp", "pp", "ep"):
         p.add_argument(f"--{flag}", type=int, default=1)
@@ -69,7 +71,7 @@ def cmd_build(a) -> int:
             dtype=dtype, quant=a.quant, kv_cache_dtype=a.kv_cache_dtype, tp=a.tp, pp=a.pp, ep=a.ep,
             max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len, max_num_tokens=a.max_num_tokens,
             tokens_per_block=a.tokens_per_block, activation_scales=a.calibration, group_size=a.group_size,
-            int4_search=a.int4_search,
+            int4_search=a.int4_search, fp8_rounding=a.fp8_rounding,
         )
     except ValidationError as e:
         raise CLIError(_pydantic_line(e)) from None

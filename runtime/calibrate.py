@@ -14,7 +14,9 @@ Each layer records:
 * ``kv_amax``: the largest ``|k|`` (after the qk norm and rotary, as written to the cache) and
   ``|v|`` (the FP8 KV cache scales);
 * with ``awq``, the activation-aware scales of Lin et al. (2023) for each group of projections
-  that share an input, and optionally the per-group clipping of the scaled weights.
+  that share an input, and optionally the per-group clipping of the scaled weights;
+* with ``gptq``, each projection's E4M3 weight rounded by ``gptq_fp8`` against the second
+  moment of its inputs on the calibration text (Frantar et al., 2022), kept for the build.
 
 Every layer is fed the outputs of the previous layer computed in full precision with the
 original weights (neither the scales nor any quantization are applied on the way), as in the
@@ -56,7 +58,7 @@ from kiln.kernels.activation import silu_and_mul_ref
 from kiln.kernels.attention import AttentionMetadata, paged_attention, rotary_write_kv
 from kiln.kernels.gemv import linear
 from kiln.kernels.norm import rms_norm
-from kiln.kernels.quant import int4_group_params
+from kiln.kernels.quant import int4_group_params, quantize_fp8_rows, to_fp8
 from kiln.kernels.rotary import cos_sin_cache
 from kiln.parallel.mapping import Mapping
 from kiln.parallel.partition import ReadOnce, rank_slice
@@ -76,6 +78,11 @@ SCALE_GRID = 20
 CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5
 """The clip search tries ``1 - i / 20`` of each group's largest magnitude, down to 0.55."""
 BLOCK_SIZE = 16
+GPTQ_DAMP, GPTQ_BLOCK = 0.01, 128
+"""GPTQ: the fraction of the mean Hessian diagonal added to it, and the columns rounded per block."""
+GPTQ_PARTS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+              "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+"""Capture group -> the checkpoint projections that read its input (rounded together, rows stacked)."""
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -95,6 +102,11 @@ class Calibration:
     (see ``clip_int4_params``); v_proj, o_proj, gate_proj, up_proj and down_proj (q/k unclipped)."""
     awq_loss: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Scale group -> (output error of round-to-nearest, of the chosen scales) on the sampled rows."""
+    fp8_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Checkpoint projection (``model.layers.3.self_attn.q_proj``) -> its GPTQ-rounded (weight
+    [N, K] float8_e4m3fn, weight_scale [N] float32), on the CPU."""
+    gptq_loss: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """``model.layers.{i}.{group}`` -> (output error of round-to-nearest, of GPTQ) on the calibration inputs."""
     group_size: int = 128
     num_tokens: int = 0
     num_sequences: int = 0
@@ -195,8 +207,10 @@ class LayerCapture:
     for AWQ each projection input's per-channel sum of |x| and its rows at ``rows[j]`` of
     sequence ``j`` (float32)."""
 
-    def __init__(self, rows: list[torch.Tensor] | None = None):
+    def __init__(self, rows: list[torch.Tensor] | None = None, second_moment: bool = False):
         self.rows = rows
+        self.second_moment = second_moment
+        self.hess: dict[str, torch.Tensor] = {}
         self.amax: dict[str, torch.Tensor] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
@@ -210,6 +224,12 @@ class LayerCapture:
 
     def input(self, group: str, seq: int, x: torch.Tensor) -> None:
         self.amax[group] = self._max(self.amax.get(group), x)
+        if self.second_moment:
+            xf = x.float()
+            gram = xf.t() @ xf
+            self.hess[group] = gram if group not in self.hess else self.hess[group] + gram
+            if self.rows is None:
+                self.count[group] = self.count.get(group, 0) + x.shape[0]
         if self.rows is None:
             return
         xf = x.float()
@@ -223,6 +243,10 @@ class LayerCapture:
 
     def mean_abs(self, group: str) -> torch.Tensor:
         return self.abs_sum[group] / self.count[group]
+
+    def second(self, group: str) -> torch.Tensor:
+        """The inputs' second moment ``mean_t x_t x_t^T`` [K, K] (float32)."""
+        return self.hess[group] / self.count[group]
 
     def sample(self, group: str) -> torch.Tensor:
         return torch.cat(self.samples[group])
@@ -405,6 +429,101 @@ def _search_layer(layer: DecoderLayer, cfg: ModelConfig, index: int, cap: LayerC
 
 
 # ----------------------------------------------------------------------------------------------
+# GPTQ rounding of FP8 weights
+# ----------------------------------------------------------------------------------------------
+
+
+def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor U of ``(h + damp * mean(diag h) * I)^-1`` (float32), damping ten
+    times more until the matrix factors."""
+    k = h.shape[0]
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    mean = float(torch.diag(h).mean())
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if int(info) == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0:
+                return u
+        damp *= 10
+    raise ValueError("GPTQ: the inputs' second moment does not factor even with heavy damping")
+
+
+def gptq_fp8(w: torch.Tensor, h: torch.Tensor, damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK,
+             act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The E4M3 weight of ``w`` [N, K] rounded column by column with each column's rounding
+    error spread onto the columns not yet rounded, through the inverse of the inputs' second
+    moment ``h`` [K, K] (Frantar et al., 2022): what is made small is the output error
+    ``(w - w_q) @ x`` on those inputs rather than each weight's own error. Rows keep the scale of
+    round-to-nearest (``quantize_fp8_rows``: the row's largest magnitude / 448), and values pushed
+    past it saturate. With ``act_order`` the columns are rounded in order of decreasing input
+    energy (the diagonal of ``h``), so the largest inputs' columns are rounded first and the
+    error lands on columns whose inputs are small; the per-row scales make the order free at
+    run time (the result is stored in the original column order). Inputs never seen (a zero
+    diagonal) pass no error on; with a diagonal ``h`` nothing is passed on and the result is
+    round-to-nearest. Returns (weight [N, K] float8_e4m3fn, weight_scale [N] float32) on ``w``'s
+    device."""
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"GPTQ: second moment of shape {tuple(h.shape)} for a weight of {k} columns")
+    if act_order:
+        perm = torch.argsort(torch.diag(h).to(w.device), descending=True, stable=True)
+        hp = h.to(w.device)[perm][:, perm]
+        q, scale = gptq_fp8(w[:, perm], hp, damp, block, act_order=False)
+        return q[:, torch.argsort(perm)].contiguous(), scale
+    _, scale = quantize_fp8_rows(w)
+    h = h.to(device=w.device, dtype=torch.float32).clone()
+    dead = torch.diag(h) <= 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    h[dead, dead] = 1
+    u = _upper_inverse_factor(h, damp)
+    wt = w.float().t().contiguous()  # column i of w is row i here: contiguous, updated in place
+    out = torch.empty((k, n), dtype=torch.float8_e4m3fn, device=w.device)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]
+        err = torch.empty((i2 - i1, n), device=w.device)
+        for i in range(i2 - i1):
+            col = w1[i]
+            qc = to_fp8(col, scale)
+            out[i1 + i] = qc
+            torch.div(col - qc.float() * scale, u1[i, i], out=err[i])
+            if i + 1 < i2 - i1:
+                w1[i + 1 :].addr_(u1[i, i + 1 :], err[i], alpha=-1)
+        if i2 < k:
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
+    return out.t().contiguous(), scale
+
+
+def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
+    """``mean_t ||(w - wq) @ x_t||^2`` for inputs of second moment ``h``: trace(d h d^T)."""
+    d = (w.float() - wq.float()).to(h.device)
+    return float(((d @ h.float()) * d).sum())
+
+
+def _gptq_layer(get: Fetch, cfg: ModelConfig, index: int, cap: LayerCapture, device, calib: Calibration) -> None:
+    """GPTQ rounds every projection of layer ``index`` whose input ``cap`` recorded, each group
+    of projections sharing an input rounded together (rows stacked), into ``calib``."""
+    p = f"model.layers.{index}"
+    for g, names in GPTQ_PARTS.items():
+        if g not in cap.hess:
+            continue
+        parts = [get(f"{p}.{n}.weight").to(device=device, dtype=torch.float32) for n in names]
+        w = torch.cat(parts)
+        h = cap.second(g)
+        wq, scale = gptq_fp8(w, h)
+        deq = wq.float() * scale[:, None]
+        rtn_w, rtn_s = quantize_fp8_rows(w)
+        calib.gptq_loss[f"{p}.{g}"] = (output_error(w, rtn_w.float() * rtn_s[:, None], h), output_error(w, deq, h))
+        start = 0
+        for n, part in zip(names, parts):
+            rows = part.shape[0]
+            calib.fp8_weights[f"{p}.{n}"] = (wq[start : start + rows].cpu(), scale[start : start + rows].cpu())
+            start += rows
+
+
+# ----------------------------------------------------------------------------------------------
 # The driver
 # ----------------------------------------------------------------------------------------------
 
@@ -424,15 +543,17 @@ def _sample_rows(lengths: list[int], count: int, seed: int, device) -> list[torc
 
 
 def calibrate(reader, *, device, dtype, sequences: Sequence[Sequence[int]], awq: bool, group_size: int = 128,
-              kv: bool, activations: bool, progress: bool = True, clip: bool = True, awq_tokens: int = 256,
-              text_name: str = "", seed: int = 0) -> Calibration:
+              kv: bool, activations: bool, gptq: bool = False, progress: bool = True, clip: bool = True,
+              awq_tokens: int = 256, text_name: str = "", seed: int = 0) -> Calibration:
     """Calibrates ``reader``'s model (a ``CheckpointReader``: ``config`` and ``get``) on the token
     ``sequences`` layer by layer (see the module docstring), in ``dtype`` on ``device``.
 
     ``activations``: each projection's largest input; ``kv``: each layer's largest key and value;
     ``awq``: the AWQ scales for int4 groups of ``group_size`` (searched on ``awq_tokens`` sampled
     rows, with the mean |x| of every row), and with ``clip`` the clip values of the folded
-    weights. ``text_name`` is recorded as ``Calibration.text``."""
+    weights; ``gptq``: every projection's E4M3 weight rounded by ``gptq_fp8`` (the checkpoint's
+    own tensors, against the second moment of their inputs on every calibration token).
+    ``text_name`` is recorded as ``Calibration.text``."""
     t0 = time.time()
     cfg: ModelConfig = reader.config
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, dtype)
@@ -449,7 +570,7 @@ def calibrate(reader, *, device, dtype, sequences: Sequence[Sequence[int]], awq:
         if bad:
             raise ValueError(f"input width {bad[0]} is not a multiple of the int4 group size {group_size}")
     calib = Calibration(group_size=group_size, num_tokens=sum(lengths), num_sequences=len(lengths), text=text_name)
-    if not (awq or kv or activations):
+    if not (awq or kv or activations or gptq):
         calib.seconds = time.time() - t0
         return calib
     scale_dtype = dtype
@@ -460,7 +581,7 @@ def calibrate(reader, *, device, dtype, sequences: Sequence[Sequence[int]], awq:
         bar = tqdm(range(cfg.num_hidden_layers), desc="calibrate", unit="layer", disable=not progress)
         for i in bar:
             layer = load_layer(reader.get, cfg, i, device, dtype)
-            cap = LayerCapture(rows)
+            cap = LayerCapture(rows, second_moment=gptq)
             run_layer(layer, cfg, hidden, rope, cap)
             if activations:
                 for g, m in cap.amax.items():
@@ -469,6 +590,8 @@ def calibrate(reader, *, device, dtype, sequences: Sequence[Sequence[int]], awq:
                 calib.kv_amax[i] = (float(cap.k_amax), float(cap.v_amax))
             if awq:
                 _search_layer(layer, cfg, i, cap, group_size, scale_dtype, clip, calib)
+            if gptq:
+                _gptq_layer(reader.get, cfg, i, cap, device, calib)
             del layer, cap
     calib.seconds = time.time() - t0
     return calib

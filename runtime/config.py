@@ -100,6 +100,8 @@ class BuildConfig(BaseModel):
     group_size: int = Field(128, ge=16, le=8192, description="int4 weights: columns sharing one scale and zero point")
     int4_search: Literal["awq", "rtn"] = Field(
         "awq", description="int4 weights: AWQ's activation-aware scale search, or plain round-to-nearest")
+    fp8_rounding: Literal["gptq", "rtn"] = Field(
+        "gptq", description="fp8 weights: GPTQ's Hessian-compensated rounding on the calibration text, or round-to-nearest")
     tp: int = Field(1, ge=1, le=1024)
     pp: int = Field(1, ge=1, le=1024)
     ep: int = Field(1, ge=1, le=1024)
@@ -122,6 +124,8 @@ class BuildConfig(BaseModel):
             raise ValueError("group_size applies to --quant int4-awq only")
         if self.int4_search != "awq" and self.quant != "int4-awq":
             raise ValueError("int4_search applies to --quant int4-awq only")
+        if self.fp8_rounding != "gptq" and self.quant != "fp8":
+            raise ValueError("fp8_rounding applies to --quant fp8 only")
         if self.group_size & (self.group_size - 1):
             raise ValueError("group_size must be a power of two")
         return self
@@ -152,8 +156,9 @@ class QuantizationInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     linear: LinearQuant
     source: str = Field(description="'build' (quantized by kiln build) or 'checkpoint:<format>'")
-    search: Literal["none", "awq", "rtn"] = Field(
-        "none", description="int4 built here: the AWQ scale search, or plain round-to-nearest (random weights)")
+    search: Literal["none", "awq", "gptq", "rtn"] = Field(
+        "none", description="weights quantized here: int4's AWQ scale search, fp8's GPTQ rounding, or plain "
+                            "round-to-nearest (asked for, or random weights)")
     weight_scales: str = Field(description="layout of the weight scales")
     kv_scales: str | None = Field(None, description="how the FP8 KV cache scales were chosen")
     calibration: dict | None = Field(None, description="calibration text, sequences, tokens and seconds")

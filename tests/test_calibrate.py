@@ -291,3 +291,111 @@ def test_builtin_model_calibrates(smollm_tokenizer):
     assert len(awq.awq_scales) == 4 * 4 and len(awq.awq_clip) == 4 * 5
     assert all(best <= rtn for rtn, best in awq.awq_loss.values())
     assert sum(b for _, b in awq.awq_loss.values()) < sum(r for r, _ in awq.awq_loss.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTQ rounding of FP8 weights
+# ----------------------------------------------------------------------------------------------
+
+
+def gptq_fp8_plain(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, damp: float = 0.01, order=None) -> torch.Tensor:
+    """GPTQ as first written (optimal brain quantization in column order): round one column, move
+    its error onto the remaining columns through the inverse Hessian's row, then remove that
+    column from the inverse by one step of Gaussian elimination. float64, no Cholesky, no blocks.
+    Returns the E4M3 codes (as float64) for the row scales ``scale``."""
+    w = w.double().clone()
+    k = w.shape[1]
+    scale = scale.double()
+    h = h.double() + damp * torch.diag(h.double()).mean() * torch.eye(k, dtype=torch.float64)
+    order = list(range(k)) if order is None else order
+    hinv = torch.linalg.inv(h[order][:, order])
+    w = w[:, order]
+    out = torch.empty_like(w)
+    for i in range(k):
+        out[:, i] = (w[:, i] / scale).clamp(-448, 448).to(torch.float8_e4m3fn).double()
+        e = (w[:, i] - out[:, i] * scale) / hinv[i, i]
+        w[:, i:] -= e[:, None] * hinv[i, i:][None, :]
+        hinv = hinv - hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
+    back = torch.empty_like(out)
+    back[:, order] = out
+    return back
+
+
+def correlated_inputs(k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2048, 24, generator=g) @ torch.randn(24, k, generator=g) + 0.2 * torch.randn(2048, k, generator=g)
+    return x * (torch.rand(k, generator=g) ** 3 * 8 + 0.1)  # channels of very different energy
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["columns", "act-order"])
+def test_gptq_fp8_equals_the_plain_algorithm_and_beats_rounding(act_order):
+    from kiln.kernels.quant import quantize_fp8_rows
+
+    k = 200  # not a multiple of the 128-column block
+    w = torch.randn(48, k, generator=torch.Generator().manual_seed(5))
+    x = correlated_inputs(k, 6)
+    h = x.t() @ x / x.shape[0]
+    q, scale = C.gptq_fp8(w, h, act_order=act_order)
+    rtn, rtn_scale = quantize_fp8_rows(w)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape and torch.equal(scale, rtn_scale)
+    order = torch.argsort(torch.diag(h), descending=True, stable=True).tolist() if act_order else None
+    codes = gptq_fp8_plain(w, h, scale, order=order)
+    # the same algorithm in another arithmetic: an error carried in float32 can flip a rounding
+    # near a tie, which moves that code by one step and the later columns by a little
+    same = (q.double() == codes).double().mean()
+    assert same > 0.995, float(same)
+    step = torch.maximum(codes.abs(), torch.full_like(codes, 2.0 ** -6)) * 2.0 ** -2
+    assert ((q.double() - codes).abs() <= step).double().mean() > 0.995
+    s = scale.double()[:, None]
+
+    def err(codes_):
+        return C.output_error(w.double(), codes_ * s, h.double())
+
+    assert err(q.double()) < 0.2 * err(rtn.double())
+    assert abs(err(q.double()) - err(codes)) < 0.01 * err(codes)
+
+
+def test_gptq_fp8_diagonal_inputs_round_to_nearest_and_dead_inputs_pass_nothing():
+    from kiln.kernels.quant import quantize_fp8_rows
+
+    w = torch.randn(32, 96, generator=torch.Generator().manual_seed(7))
+    rtn, _ = quantize_fp8_rows(w)
+    diag = torch.diag(torch.rand(96, generator=torch.Generator().manual_seed(8)) + 0.5)
+    for act_order in (False, True):
+        q, _ = C.gptq_fp8(w, diag, act_order=act_order)
+        assert torch.equal(q.view(torch.uint8), rtn.view(torch.uint8))
+    x = correlated_inputs(96, 9)
+    x[:, 10:20] = 0  # channels that never carry input
+    q, _ = C.gptq_fp8(w, x.t() @ x / x.shape[0], act_order=False)
+    assert torch.isfinite(q.float()).all()
+    with pytest.raises(ValueError, match="second moment of shape"):
+        C.gptq_fp8(w, torch.eye(95))
+
+
+def test_calibrate_gptq_rounds_every_projection(tiny):
+    """calibrate(gptq=True) on a tiny llama: every projection of every layer gets E4M3 weights
+    with round-to-nearest's scales, GPTQ's output error on transformers' own inputs to each
+    projection is below round-to-nearest's, and the recorded losses are those errors."""
+    from kiln.kernels.quant import quantize_fp8_rows
+
+    reader, hf = tiny["llama"]
+    ids = seqs(4, 32, seed=4)
+    cal = C.calibrate(reader, device="cpu", dtype=torch.float32, sequences=ids.tolist(), awq=False, kv=False,
+                      activations=False, gptq=True, progress=False)
+    _, inputs = hf_capture(hf, ids)
+    parts = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "o": ["self_attn.o_proj"],
+             "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}
+    for i in range(reader.config.num_hidden_layers):
+        for g, names in parts.items():
+            x = inputs[(i, g)].double()
+            h = x.t() @ x / x.shape[0]
+            total_rtn = total_gptq = 0.0
+            for n in names:
+                w = reader.get(f"model.layers.{i}.{n}.weight").float()
+                q, scale = cal.fp8_weights[f"model.layers.{i}.{n}"]
+                rq, rs = quantize_fp8_rows(w)
+                assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape and torch.equal(scale, rs)
+                total_gptq += C.output_error(w.double(), q.double() * scale.double()[:, None], h)
+                total_rtn += C.output_error(w.double(), rq.double() * rs.double()[:, None], h)
+            assert total_gptq < total_rtn, (i, g)
+            assert cal.gptq_loss[f"model.layers.{i}.{g}"] == pytest.approx((total_rtn, total_gptq), rel=1e-3)

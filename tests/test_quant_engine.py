@@ -164,19 +164,28 @@ def test_awq_folding_keeps_the_full_precision_function(llama, tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(quant="fp8"), dict(quant="int4-awq", group_size=32)], ids=["fp8", "int4-awq"])
 def test_tp2_equals_tp1(kw, llama, tmp_path):
-    """Greedy tokens are the same. Both layouts hold the same quantized weights; with dynamic FP8
-    activations a row-parallel projection's rank scales its half of each row by that half's own
-    maximum, so FP8 logprobs differ at the E4M3 rounding level (int4 only by summation order)."""
+    """Greedy tokens are the same up to near-ties. Both layouts hold the same quantized weights;
+    with dynamic FP8 activations a row-parallel projection's rank scales its half of each row by
+    that half's own maximum, so FP8 logprobs differ at the E4M3 rounding level (int4 only by
+    summation order), and where the random model's two best tokens are that close the choice may
+    differ: the sequences are compared up to such a tie, which must be one."""
     src, _ = llama
     tol = 2e-2 if kw["quant"] == "fp8" else 1e-4
     one = generate(_build(src, str(tmp_path / "tp1"), **kw))
     two = generate(_build(src, str(tmp_path / "tp2"), tp=2, **kw))
+    compared = 0
     for (t1, l1), (t2, l2) in zip(one, two):
-        assert t1 == t2
-        for a, b in zip(l1, l2):
-            assert set(a) == set(b)
-            for tok in a:
+        for i, (a, b) in enumerate(zip(l1, l2)):
+            assert t1[i] in b and t2[i] in a and len(set(a) & set(b)) >= 2  # top-3 may swap a near-tied third
+            for tok in set(a) & set(b):
                 assert abs(a[tok].logprob - b[tok].logprob) <= tol
+            compared += 1
+            if t1[i] != t2[i]:
+                assert abs(a[t1[i]].logprob - a[t2[i]].logprob) <= 2 * tol, (i, t1, t2)
+                break
+        else:
+            assert t1 == t2
+    assert compared >= len(PROMPTS) * STEPS // 2
 
 
 def test_refusals(llama, tmp_path):
@@ -185,11 +194,57 @@ def test_refusals(llama, tmp_path):
         BuildConfig(quant="int8-weight", activation_scales="static")
     with pytest.raises(ValueError, match="group_size applies"):
         BuildConfig(quant="fp8", group_size=64)
+    with pytest.raises(ValueError, match="fp8_rounding applies to --quant fp8 only"):
+        BuildConfig(quant="int4-awq", fp8_rounding="rtn")
     with pytest.raises(BuildError, match="int4 group size 128"):
         _build(src, str(tmp_path / "g"), quant="int4-awq")  # K = 64 is not a multiple of 128
     with pytest.raises(BuildError, match="--calibration-text applies only"):
         build_engine(src, str(tmp_path / "c"), BuildConfig(dtype="float32", quant="int8-weight"), device_class="cpu",
                      progress=False, calibration_text=__file__)
+
+
+def test_fp8_weights_gptq_rounded_by_default_and_rtn_on_request(llama, tmp_path):
+    """The default fp8 build rounds with GPTQ on the calibration text: the same row scales as
+    round-to-nearest, other E4M3 codes where that lowers the output error, recorded in
+    engine.json; ``fp8_rounding="rtn"`` stores exactly ``quantize_fp8_rows`` of the checkpoint."""
+    src, hf = llama
+    gptq = _build(src, str(tmp_path / "gptq"), quant="fp8")
+    rtn = _build(src, str(tmp_path / "rtn"), quant="fp8", fp8_rounding="rtn")
+    info = {n: json.load(open(os.path.join(e, "engine.json")))["quantization"] for n, e in (("gptq", gptq), ("rtn", rtn))}
+    assert info["gptq"]["search"] == "gptq" and info["gptq"]["calibration"]["gptq"]
+    assert info["rtn"]["search"] == "rtn" and info["rtn"]["calibration"] is None
+    tg = load_file(os.path.join(gptq, "rank0.safetensors"))
+    tr = load_file(os.path.join(rtn, "rank0.safetensors"))
+    sd = hf.state_dict()
+    moved = 0
+    for i in range(hf.config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w = sd[p + "mlp.down_proj.weight"].float()
+        want, want_scale = q.quantize_fp8_rows(w)
+        assert torch.equal(tr[p + "mlp.down_proj.weight"].view(torch.uint8), want.view(torch.uint8))
+        assert torch.equal(tr[p + "mlp.down_proj.weight_scale"], want_scale)
+        assert torch.equal(tg[p + "mlp.down_proj.weight_scale"], want_scale)
+        moved += int((tg[p + "mlp.down_proj.weight"].view(torch.uint8) != want.view(torch.uint8)).sum())
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj"):
+            assert torch.equal(tg[p + name + ".weight_scale"], tr[p + name + ".weight_scale"])
+    assert moved > 0
+
+
+def test_fp8_kv_scales_keep_headroom_over_the_calibration():
+    """A layer's k_scale / v_scale is KV_HEADROOM x its calibrated largest |k| / |v| over 448."""
+    from kiln.runtime.calibrate import Calibration
+    from kiln.runtime.config import LinearQuant
+    from kiln.runtime.quantize import KV_HEADROOM, QuantizedSource
+
+    cal = Calibration(kv_amax={0: (4.48, 8.96), 1: (0.0, 1.0)})
+    src = QuantizedSource(lambda n: torch.zeros(1), LinearQuant(kv_fp8=True), torch.float32, cal)
+    assert KV_HEADROOM == 2.0
+    assert float(src("model.layers.0.self_attn.k_scale")) == pytest.approx(0.02)
+    assert float(src("model.layers.0.self_attn.v_scale")) == pytest.approx(0.04)
+    assert float(src("model.layers.1.self_attn.v_scale")) == pytest.approx(2 / 448)
+    assert float(src("model.layers.1.self_attn.k_scale")) > 0  # a layer of all-zero keys still divides
+    uncalibrated = QuantizedSource(lambda n: torch.zeros(1), LinearQuant(kv_fp8=True), torch.float32, None)
+    assert float(uncalibrated("model.layers.0.self_attn.k_scale")) == 1.0
 
 
 def test_reference_linears_round_where_the_format_does():
