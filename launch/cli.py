@@ -36,8 +36,9 @@ def _add_build(sub) -> None:
                    help="--quant fp8 activations: scaled per token at run time, or per tensor from calibration")
     p.add_argument("--calibration-text", default=None, help="a text file to calibrate on (default: the text kiln ships)")
     p.add_argument("--group-size", type=int, default=128, help="--quant int4-awq: input columns per scale and zero point")
-    p.add_argument("--int4-search", default="awq", choices=["awq", "rtn"],
-                   help="--quant int4-awq: AWQ's activation-aware scale search, or plain round-to-nearest")
+    p.add_argument("--int4-search", default="awq+gptq", choices=["awq+gptq", "awq", "rtn"],
+                   help="--quant int4-awq: AWQ's scale and clip search then GPTQ's rounding, AWQ's search alone, "
+                        "or plain round-to-nearest")
     p.add_argument("--fp8-rounding", default="gptq", choices=["gptq", "rtn"],
                    help="--quant fp8: GPTQ's rounding against the calibration text's inputs, or plain round-to-nearest")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device class the engine targets (default: cuda if present)")

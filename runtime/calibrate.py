@@ -58,7 +58,7 @@ from kiln.kernels.activation import silu_and_mul_ref
 from kiln.kernels.attention import AttentionMetadata, paged_attention, rotary_write_kv
 from kiln.kernels.gemv import linear
 from kiln.kernels.norm import rms_norm
-from kiln.kernels.quant import int4_group_params, quantize_fp8_rows, to_fp8
+from kiln.kernels.quant import int4_group_params, pack_int4, quantize_fp8_rows, to_fp8
 from kiln.kernels.rotary import cos_sin_cache
 from kiln.parallel.mapping import Mapping
 from kiln.parallel.partition import ReadOnce, rank_slice
@@ -105,8 +105,12 @@ class Calibration:
     fp8_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Checkpoint projection (``model.layers.3.self_attn.q_proj``) -> its GPTQ-rounded (weight
     [N, K] float8_e4m3fn, weight_scale [N] float32), on the CPU."""
+    int4_weights: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Checkpoint projection -> its AWQ-folded, clipped and GPTQ-rounded (qweight [N, K/2] uint8,
+    scales [N, K/G], qzeros [N, K/G] uint8), on the CPU."""
     gptq_loss: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """``model.layers.{i}.{group}`` -> (output error of round-to-nearest, of GPTQ) on the calibration inputs."""
+    """``model.layers.{i}.{group}`` -> (output error of round-to-nearest, of GPTQ) on the calibration
+    inputs (for int4: of the AWQ-folded weights with the clipped group parameters, on x / s)."""
     group_size: int = 128
     num_tokens: int = 0
     num_sequences: int = 0
@@ -449,6 +453,45 @@ def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("GPTQ: the inputs' second moment does not factor even with heavy damping")
 
 
+def _gptq(w: torch.Tensor, h: torch.Tensor, round_col: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+          code_dtype: torch.dtype, damp: float, block: int, act_order: bool) -> torch.Tensor:
+    """GPTQ's loop over the columns of ``w`` [N, K]: ``round_col(col [N], j)`` gives column j's
+    codes and their dequantized values, the rounding error goes onto the columns not yet rounded
+    through the upper Cholesky factor of the damped inverse of ``h``, in blocks of ``block``
+    columns (the lazy batch update). Returns the codes [N, K] in the original column order."""
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"GPTQ: second moment of shape {tuple(h.shape)} for a weight of {k} columns")
+    h = h.to(device=w.device, dtype=torch.float32)
+    order = (torch.argsort(torch.diag(h), descending=True, stable=True) if act_order
+             else torch.arange(k, device=w.device))
+    h = h[order][:, order].clone()
+    dead = torch.diag(h) <= 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    h[dead, dead] = 1
+    u = _upper_inverse_factor(h, damp)
+    wt = w.float()[:, order].t().contiguous()  # column order[i] of w is row i here, updated in place
+    cols = order.tolist()
+    out = torch.empty((k, n), dtype=code_dtype, device=w.device)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]
+        err = torch.empty((i2 - i1, n), device=w.device)
+        for i in range(i2 - i1):
+            col = w1[i]
+            code, deq = round_col(col, cols[i1 + i])
+            out[i1 + i] = code
+            torch.div(col - deq, u1[i, i], out=err[i])
+            if i + 1 < i2 - i1:
+                w1[i + 1 :].addr_(u1[i, i + 1 :], err[i], alpha=-1)
+        if i2 < k:
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
+    codes = torch.empty_like(out)
+    codes[order] = out
+    return codes.t().contiguous()
+
+
 def gptq_fp8(w: torch.Tensor, h: torch.Tensor, damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK,
              act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The E4M3 weight of ``w`` [N, K] rounded column by column with each column's rounding
@@ -463,37 +506,36 @@ def gptq_fp8(w: torch.Tensor, h: torch.Tensor, damp: float = GPTQ_DAMP, block: i
     diagonal) pass no error on; with a diagonal ``h`` nothing is passed on and the result is
     round-to-nearest. Returns (weight [N, K] float8_e4m3fn, weight_scale [N] float32) on ``w``'s
     device."""
-    n, k = w.shape
-    if h.shape != (k, k):
-        raise ValueError(f"GPTQ: second moment of shape {tuple(h.shape)} for a weight of {k} columns")
-    if act_order:
-        perm = torch.argsort(torch.diag(h).to(w.device), descending=True, stable=True)
-        hp = h.to(w.device)[perm][:, perm]
-        q, scale = gptq_fp8(w[:, perm], hp, damp, block, act_order=False)
-        return q[:, torch.argsort(perm)].contiguous(), scale
     _, scale = quantize_fp8_rows(w)
-    h = h.to(device=w.device, dtype=torch.float32).clone()
-    dead = torch.diag(h) <= 0
-    h[dead, :] = 0
-    h[:, dead] = 0
-    h[dead, dead] = 1
-    u = _upper_inverse_factor(h, damp)
-    wt = w.float().t().contiguous()  # column i of w is row i here: contiguous, updated in place
-    out = torch.empty((k, n), dtype=torch.float8_e4m3fn, device=w.device)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]
-        err = torch.empty((i2 - i1, n), device=w.device)
-        for i in range(i2 - i1):
-            col = w1[i]
-            qc = to_fp8(col, scale)
-            out[i1 + i] = qc
-            torch.div(col - qc.float() * scale, u1[i, i], out=err[i])
-            if i + 1 < i2 - i1:
-                w1[i + 1 :].addr_(u1[i, i + 1 :], err[i], alpha=-1)
-        if i2 < k:
-            wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
-    return out.t().contiguous(), scale
+
+    def round_col(col, j):
+        code = to_fp8(col, scale)
+        return code, code.float() * scale
+
+    return _gptq(w, h, round_col, torch.float8_e4m3fn, damp, block, act_order), scale
+
+
+def gptq_int4(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+              damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK, act_order: bool = True) -> torch.Tensor:
+    """GPTQ (as ``gptq_fp8``) onto asymmetric int4 groups whose parameters are fixed beforehand:
+    ``scales`` / ``zeros`` [N, K/G] (round-to-nearest's, or a clip search's), so the columns may
+    be rounded in activation order while every group keeps one scale and zero point and no
+    input permutation is needed at run time. Values are ``round(w / scale + zero)`` clamped to
+    0..15 and stand for ``(q - zero) * scale``, ``quantize_int4``'s arithmetic. Returns the codes
+    [N, K] uint8 (``kiln.kernels.quant.pack_int4`` packs them)."""
+    n, k = w.shape
+    if k % group_size or scales.shape != (n, k // group_size) or zeros.shape != scales.shape:
+        raise ValueError(f"GPTQ int4: group parameters of shape {tuple(scales.shape)} for a weight {tuple(w.shape)} "
+                         f"in groups of {group_size}")
+    sc = scales.float().to(w.device).t().contiguous()  # [K/G, N]
+    z = zeros.float().to(w.device).t().contiguous()
+
+    def round_col(col, j):
+        g = j // group_size
+        code = torch.round(col / sc[g] + z[g]).clamp_(0, 15)
+        return code, (code - z[g]) * sc[g]
+
+    return _gptq(w, h, round_col, torch.float32, damp, block, act_order).to(torch.uint8)
 
 
 def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
@@ -523,6 +565,46 @@ def _gptq_layer(get: Fetch, cfg: ModelConfig, index: int, cap: LayerCapture, dev
             start += rows
 
 
+def _gptq_int4_layer(get: Fetch, cfg: ModelConfig, index: int, cap: LayerCapture, device, calib: Calibration,
+                     group_size: int, scale_dtype: torch.dtype) -> None:
+    """After the AWQ scale search of layer ``index``: every projection's folded weight (the tensor
+    the build quantizes) rounded by ``gptq_int4`` onto its round-to-nearest groups (unclipped: the
+    clip search picks ranges for plain rounding, and GPTQ's error feedback does better with the
+    whole range), against the second moment of its folded input ``x / s``, into
+    ``calib.int4_weights``."""
+    p = f"model.layers.{index}"
+    folded = apply_awq_scales(get, cfg, calib)
+    for g, names in GPTQ_PARTS.items():
+        if g not in cap.hess:
+            continue
+        h = cap.second(g)
+        s = calib.awq_scales.get(f"{p}.{g}")
+        if s is not None:
+            sd = s.to(device=h.device, dtype=torch.float32)
+            h = h / sd[:, None] / sd[None, :]
+        ws, params = [], []
+        for n in names:
+            w = folded(f"{p}.{n}.weight").to(device=device, dtype=torch.float32)
+            ws.append(w)
+            params.append(int4_group_params(w, group_size, scale_dtype))
+        w = torch.cat(ws)
+        scales, zeros = torch.cat([a for a, _ in params]), torch.cat([b for _, b in params])
+        codes = gptq_int4(w, h, scales, zeros, group_size)
+        calib.gptq_loss[f"{p}.{g}"] = (output_error(w, fake_quant(w, group_size, scale_dtype, scales, zeros), h),
+                                       output_error(w, _dequant_codes(codes, scales, zeros, group_size), h))
+        start = 0
+        for n, part in zip(names, ws):
+            rows = slice(start, start + part.shape[0])
+            calib.int4_weights[f"{p}.{n}"] = (pack_int4(codes[rows]).cpu(), scales[rows].cpu(), zeros[rows].cpu())
+            start += part.shape[0]
+
+
+def _dequant_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(q - zero) * scale`` of int4 codes [N, K] (float32)."""
+    s = scales.float().repeat_interleave(group_size, dim=-1)
+    return (codes.float() - zeros.float().repeat_interleave(group_size, dim=-1)) * s
+
+
 # ----------------------------------------------------------------------------------------------
 # The driver
 # ----------------------------------------------------------------------------------------------
@@ -543,7 +625,7 @@ def _sample_rows(lengths: list[int], count: int, seed: int, device) -> list[torc
 
 
 def calibrate(reader, *, device, dtype, sequences: Sequence[Sequence[int]], awq: bool, group_size: int = 128,
-              kv: bool, activations: bool, gptq: bool = False, progress: bool = True, clip: bool = True,
+              kv: bool, activations: bool, gptq: str | None = None, progress: bool = True, clip: bool = True,
               awq_tokens: int = 256, text_name: str = "", seed: int = 0) -> Calibration:
     """Calibrates ``reader``'s model (a ``CheckpointReader``: ``config`` and ``get``) on the token
     ``sequences`` layer by layer (see the module docstring), in ``dtype`` on ``device``.
@@ -551,8 +633,9 @@ def calibrate(reader, *, device, dtype, sequences: Sequence[Sequence[int]], awq:
     ``activations``: each projection's largest input; ``kv``: each layer's largest key and value;
     ``awq``: the AWQ scales for int4 groups of ``group_size`` (searched on ``awq_tokens`` sampled
     rows, with the mean |x| of every row), and with ``clip`` the clip values of the folded
-    weights; ``gptq``: every projection's E4M3 weight rounded by ``gptq_fp8`` (the checkpoint's
-    own tensors, against the second moment of their inputs on every calibration token).
+    weights; ``gptq``: every projection rounded by GPTQ against the second moment of its inputs
+    on every calibration token, ``"fp8"`` the checkpoint's own weights to E4M3 (``gptq_fp8``),
+    ``"int4"`` (with ``awq``) the folded weights onto int4 groups (``gptq_int4``).
     ``text_name`` is recorded as ``Calibration.text``."""
     t0 = time.time()
     cfg: ModelConfig = reader.config
@@ -570,6 +653,8 @@ def calibrate(reader, *, device, dtype, sequences: Sequence[Sequence[int]], awq:
         if bad:
             raise ValueError(f"input width {bad[0]} is not a multiple of the int4 group size {group_size}")
     calib = Calibration(group_size=group_size, num_tokens=sum(lengths), num_sequences=len(lengths), text=text_name)
+    if gptq not in (None, "fp8", "int4") or (gptq == "int4" and not awq):
+        raise ValueError(f"gptq must be None, 'fp8' or 'int4' (with awq), got {gptq!r}")
     if not (awq or kv or activations or gptq):
         calib.seconds = time.time() - t0
         return calib
@@ -581,7 +666,7 @@ def calibrate(reader, *, device, dtype, sequences: Sequence[Sequence[int]], awq:
         bar = tqdm(range(cfg.num_hidden_layers), desc="calibrate", unit="layer", disable=not progress)
         for i in bar:
             layer = load_layer(reader.get, cfg, i, device, dtype)
-            cap = LayerCapture(rows, second_moment=gptq)
+            cap = LayerCapture(rows, second_moment=gptq is not None)
             run_layer(layer, cfg, hidden, rope, cap)
             if activations:
                 for g, m in cap.amax.items():
@@ -589,9 +674,11 @@ def calibrate(reader, *, device, dtype, sequences: Sequence[Sequence[int]], awq:
             if kv:
                 calib.kv_amax[i] = (float(cap.k_amax), float(cap.v_amax))
             if awq:
-                _search_layer(layer, cfg, i, cap, group_size, scale_dtype, clip, calib)
-            if gptq:
+                _search_layer(layer, cfg, i, cap, group_size, scale_dtype, clip and gptq != "int4", calib)
+            if gptq == "fp8":
                 _gptq_layer(reader.get, cfg, i, cap, device, calib)
+            elif gptq == "int4":
+                _gptq_int4_layer(reader.get, cfg, i, cap, device, calib, group_size, scale_dtype)
             del layer, cap
     calib.seconds = time.time() - t0
     return calib

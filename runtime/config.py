@@ -98,8 +98,9 @@ class BuildConfig(BaseModel):
     activation_scales: Literal["dynamic", "static"] = Field(
         "dynamic", description="fp8 activations: per token at run time, or per tensor from calibration")
     group_size: int = Field(128, ge=16, le=8192, description="int4 weights: columns sharing one scale and zero point")
-    int4_search: Literal["awq", "rtn"] = Field(
-        "awq", description="int4 weights: AWQ's activation-aware scale search, or plain round-to-nearest")
+    int4_search: Literal["awq+gptq", "awq", "rtn"] = Field(
+        "awq+gptq", description="int4 weights: AWQ's activation-aware scale and clip search, then GPTQ's rounding "
+                                "onto those groups; AWQ's search with round-to-nearest; or plain round-to-nearest")
     fp8_rounding: Literal["gptq", "rtn"] = Field(
         "gptq", description="fp8 weights: GPTQ's Hessian-compensated rounding on the calibration text, or round-to-nearest")
     tp: int = Field(1, ge=1, le=1024)
@@ -122,7 +123,7 @@ class BuildConfig(BaseModel):
             raise ValueError("activation_scales 'static' applies to --quant fp8 only")
         if self.group_size != 128 and self.quant != "int4-awq":
             raise ValueError("group_size applies to --quant int4-awq only")
-        if self.int4_search != "awq" and self.quant != "int4-awq":
+        if self.int4_search != "awq+gptq" and self.quant != "int4-awq":
             raise ValueError("int4_search applies to --quant int4-awq only")
         if self.fp8_rounding != "gptq" and self.quant != "fp8":
             raise ValueError("fp8_rounding applies to --quant fp8 only")
@@ -156,7 +157,7 @@ class QuantizationInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     linear: LinearQuant
     source: str = Field(description="'build' (quantized by kiln build) or 'checkpoint:<format>'")
-    search: Literal["none", "awq", "gptq", "rtn"] = Field(
+    search: Literal["none", "awq+gptq", "awq", "gptq", "rtn"] = Field(
         "none", description="weights quantized here: int4's AWQ scale search, fp8's GPTQ rounding, or plain "
                             "round-to-nearest (asked for, or random weights)")
     weight_scales: str = Field(description="layout of the weight scales")

@@ -131,6 +131,10 @@ class QuantizedSource:
             weight, scale = q.quantize_int8_rows(w)
             return {"weight": weight, "weight_scale": scale}
         g = self.quant.group_size
+        rounded = getattr(self.calibration, "int4_weights", {}).get(base)
+        if rounded is not None:
+            qweight, scales, zeros = rounded
+            return {"qweight": qweight, "scales": scales.to(self.scale_dtype), "qzeros": zeros}
         clip = getattr(self.calibration, "awq_clip", None) or {}
         scales = zeros = None
         if base + ".weight" in clip:
@@ -151,7 +155,8 @@ def _needs_calibration(quant: LinearQuant, build: BuildConfig, from_checkpoint: 
     """(AWQ search, KV scales, static activation scales, GPTQ rounding) that this build must calibrate."""
     awq = quant.method == "int4" and not from_checkpoint
     act = quant.method == "fp8" and quant.static_activations and not from_checkpoint
-    gptq = quant.method == "fp8" and build.fp8_rounding == "gptq" and not from_checkpoint
+    gptq = not from_checkpoint and ((quant.method == "fp8" and build.fp8_rounding == "gptq")
+                                    or (quant.method == "int4" and build.int4_search == "awq+gptq"))
     return awq, quant.kv_fp8, act, gptq
 
 
@@ -169,7 +174,7 @@ def prepare_source(reader, build: BuildConfig, quant: LinearQuant, *, tokenizer_
     awq, kv, act, gptq = _needs_calibration(quant, build, from_ckpt)
     if random_weights or build.int4_search == "rtn":
         awq = False
-    if random_weights or weights_at_load:
+    if random_weights or weights_at_load or (quant.method == "int4" and not awq):
         gptq = False
     if calibration_text is not None:
         if not (awq or kv or act or gptq) or weights_at_load:
@@ -193,7 +198,7 @@ def prepare_source(reader, build: BuildConfig, quant: LinearQuant, *, tokenizer_
         text = open(calibration_text).read() if calibration_text else None
         seqs = cal.calibration_token_ids(tok, text, seq_len=min(512, reader.config.max_position_embeddings))
         calib = cal.calibrate(reader, device=device, dtype=dtype, sequences=seqs, awq=awq, group_size=quant.group_size,
-                              kv=kv, activations=act, gptq=gptq, progress=progress)
+                              kv=kv, activations=act, gptq=(quant.method if gptq else None), progress=progress)
     get = reader.get
     if calib is not None and awq:
         from kiln.runtime.calibrate import apply_awq_scales
@@ -221,7 +226,7 @@ def _search(quant: LinearQuant, from_checkpoint: bool, awq: bool, gptq: bool) ->
     if from_checkpoint or quant.method in ("none", "int8-weight"):
         return "none"
     if quant.method == "int4":
-        return "awq" if awq else "rtn"
+        return ("awq+gptq" if gptq else "awq") if awq else "rtn"
     return "gptq" if gptq else "rtn"
 
 

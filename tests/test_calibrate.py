@@ -373,7 +373,7 @@ def test_gptq_fp8_diagonal_inputs_round_to_nearest_and_dead_inputs_pass_nothing(
 
 
 def test_calibrate_gptq_rounds_every_projection(tiny):
-    """calibrate(gptq=True) on a tiny llama: every projection of every layer gets E4M3 weights
+    """calibrate(gptq="fp8") on a tiny llama: every projection of every layer gets E4M3 weights
     with round-to-nearest's scales, GPTQ's output error on transformers' own inputs to each
     projection is below round-to-nearest's, and the recorded losses are those errors."""
     from kiln.kernels.quant import quantize_fp8_rows
@@ -381,7 +381,7 @@ def test_calibrate_gptq_rounds_every_projection(tiny):
     reader, hf = tiny["llama"]
     ids = seqs(4, 32, seed=4)
     cal = C.calibrate(reader, device="cpu", dtype=torch.float32, sequences=ids.tolist(), awq=False, kv=False,
-                      activations=False, gptq=True, progress=False)
+                      activations=False, gptq="fp8", progress=False)
     _, inputs = hf_capture(hf, ids)
     parts = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "o": ["self_attn.o_proj"],
              "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}
@@ -399,3 +399,76 @@ def test_calibrate_gptq_rounds_every_projection(tiny):
                 total_rtn += C.output_error(w.double(), rq.double() * rs.double()[:, None], h)
             assert total_gptq < total_rtn, (i, g)
             assert cal.gptq_loss[f"model.layers.{i}.{g}"] == pytest.approx((total_rtn, total_gptq), rel=1e-3)
+
+
+def gptq_int4_plain(w: torch.Tensor, h: torch.Tensor, scales, zeros, g: int, damp: float = 0.01, order=None) -> torch.Tensor:
+    """``gptq_fp8_plain`` onto fixed int4 groups: the codes (float64) in the original column order."""
+    w = w.double().clone()
+    k = w.shape[1]
+    sc, z = scales.double(), zeros.double()
+    h = h.double() + damp * torch.diag(h.double()).mean() * torch.eye(k, dtype=torch.float64)
+    order = list(range(k)) if order is None else order
+    hinv = torch.linalg.inv(h[order][:, order])
+    w = w[:, order]
+    out = torch.empty_like(w)
+    for i in range(k):
+        j = order[i] // g
+        out[:, i] = torch.round(w[:, i] / sc[:, j] + z[:, j]).clamp(0, 15)
+        e = (w[:, i] - (out[:, i] - z[:, j]) * sc[:, j]) / hinv[i, i]
+        w[:, i:] -= e[:, None] * hinv[i, i:][None, :]
+        hinv = hinv - hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
+    back = torch.empty_like(out)
+    back[:, order] = out
+    return back
+
+
+def test_gptq_int4_equals_the_plain_algorithm_and_keeps_the_groups():
+    from kiln.kernels.quant import int4_group_params, quantize_int4, unpack_int4
+
+    g, k = 32, 160
+    w = torch.randn(40, k, generator=torch.Generator().manual_seed(11))
+    x = correlated_inputs(k, 12)
+    h = x.t() @ x / x.shape[0]
+    scales, zeros = int4_group_params(w, g, torch.float32)
+    rtn = unpack_int4(quantize_int4(w, g, torch.float32, scales, zeros)[0])
+    for act_order in (False, True):
+        codes = C.gptq_int4(w, h, scales, zeros, g, act_order=act_order)
+        assert codes.dtype == torch.uint8 and codes.shape == w.shape and int(codes.max()) <= 15
+        order = torch.argsort(torch.diag(h), descending=True, stable=True).tolist() if act_order else None
+        want = gptq_int4_plain(w, h, scales, zeros, g, order=order)
+        assert (codes.double() == want).double().mean() > 0.995
+        deq = C._dequant_codes(codes, scales, zeros, g)
+        assert C.output_error(w, deq, h) < 0.5 * C.output_error(w, C._dequant_codes(rtn, scales, zeros, g), h)
+    diag = torch.diag(torch.rand(k, generator=torch.Generator().manual_seed(13)) + 0.5)
+    assert torch.equal(C.gptq_int4(w, diag, scales, zeros, g), rtn)
+    with pytest.raises(ValueError, match="group parameters"):
+        C.gptq_int4(w, h, scales[:, :2], zeros[:, :2], g)
+
+
+def test_calibrate_awq_then_gptq_int4(tiny):
+    """calibrate(awq=True, gptq="int4"): the AWQ scales as without GPTQ, no clip search, and
+    every projection's int4 codes on the folded weight's round-to-nearest groups with a lower
+    output error than plain rounding on the folded inputs x / s."""
+    from kiln.kernels.quant import int4_group_params, unpack_int4
+
+    reader, hf = tiny["llama"]
+    ids = seqs(4, 32, seed=4)
+    kw = dict(device="cpu", dtype=torch.float32, sequences=ids.tolist(), awq=True, group_size=32, kv=False,
+              activations=False, progress=False, awq_tokens=ids.numel())
+    awq = C.calibrate(reader, **kw)
+    both = C.calibrate(reader, gptq="int4", **kw)
+    assert not both.awq_clip and both.awq_scales.keys() == awq.awq_scales.keys()
+    for key in awq.awq_scales:
+        assert torch.equal(both.awq_scales[key], awq.awq_scales[key])
+    folded = C.apply_awq_scales(reader.get, reader.config, both)
+    for name, (qw, scales, zeros) in both.int4_weights.items():
+        w = folded(name + ".weight").float()
+        want_s, want_z = int4_group_params(w, 32, torch.float32)
+        assert torch.equal(scales, want_s) and torch.equal(zeros, want_z)
+        assert qw.shape == (w.shape[0], w.shape[1] // 2)
+        assert unpack_int4(qw).shape == w.shape
+    assert len(both.int4_weights) == 7 * reader.config.num_hidden_layers
+    for key, (rtn, got) in both.gptq_loss.items():
+        assert got < rtn, key
+    with pytest.raises(ValueError, match="gptq must be"):
+        C.calibrate(reader, **{**kw, "awq": False}, gptq="int4")

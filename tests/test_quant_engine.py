@@ -142,7 +142,7 @@ def test_engine_json_records_the_quantization(llama, tmp_path):
     awq = _build(src, str(tmp_path / "awq"), quant="int4-awq", group_size=32)
     info = json.load(open(os.path.join(awq, "engine.json")))["quantization"]
     assert info["linear"]["method"] == "int4" and info["linear"]["group_size"] == 32
-    assert info["source"] == "build" and info["search"] == "awq"
+    assert info["source"] == "build" and info["search"] == "awq+gptq"
     assert info["calibration"]["tokens"] > 0 and info["calibration"]["awq_search"]
     assert json.load(open(os.path.join(full, "engine.json")))["quantization"] is None
     t = load_file(os.path.join(awq, "rank0.safetensors"))
