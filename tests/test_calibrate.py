@@ -298,27 +298,37 @@ def test_builtin_model_calibrates(smollm_tokenizer):
 # ----------------------------------------------------------------------------------------------
 
 
-def gptq_fp8_plain(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, damp: float = 0.01, order=None) -> torch.Tensor:
+def gptq_plain(w: torch.Tensor, h: torch.Tensor, round_col, damp: float = 0.01, order=None) -> torch.Tensor:
     """GPTQ as first written (optimal brain quantization in column order): round one column, move
     its error onto the remaining columns through the inverse Hessian's row, then remove that
     column from the inverse by one step of Gaussian elimination. float64, no Cholesky, no blocks.
-    Returns the E4M3 codes (as float64) for the row scales ``scale``."""
+    ``round_col(col, j)`` gives column j's codes and their values; returns the codes (float64)."""
     w = w.double().clone()
     k = w.shape[1]
-    scale = scale.double()
     h = h.double() + damp * torch.diag(h.double()).mean() * torch.eye(k, dtype=torch.float64)
     order = list(range(k)) if order is None else order
     hinv = torch.linalg.inv(h[order][:, order])
     w = w[:, order]
     out = torch.empty_like(w)
     for i in range(k):
-        out[:, i] = (w[:, i] / scale).clamp(-448, 448).to(torch.float8_e4m3fn).double()
-        e = (w[:, i] - out[:, i] * scale) / hinv[i, i]
+        out[:, i], value = round_col(w[:, i], order[i])
+        e = (w[:, i] - value) / hinv[i, i]
         w[:, i:] -= e[:, None] * hinv[i, i:][None, :]
         hinv = hinv - hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
     back = torch.empty_like(out)
     back[:, order] = out
     return back
+
+
+def gptq_fp8_plain(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, order=None) -> torch.Tensor:
+    """``gptq_plain`` onto E4M3 with the row scales ``scale``."""
+    s = scale.double()
+
+    def round_col(col, j):
+        code = (col / s).clamp(-448, 448).to(torch.float8_e4m3fn).double()
+        return code, code * s
+
+    return gptq_plain(w, h, round_col, order=order)
 
 
 def correlated_inputs(k: int, seed: int) -> torch.Tensor:
@@ -401,25 +411,15 @@ def test_calibrate_gptq_rounds_every_projection(tiny):
             assert cal.gptq_loss[f"model.layers.{i}.{g}"] == pytest.approx((total_rtn, total_gptq), rel=1e-3)
 
 
-def gptq_int4_plain(w: torch.Tensor, h: torch.Tensor, scales, zeros, g: int, damp: float = 0.01, order=None) -> torch.Tensor:
-    """``gptq_fp8_plain`` onto fixed int4 groups: the codes (float64) in the original column order."""
-    w = w.double().clone()
-    k = w.shape[1]
+def gptq_int4_plain(w: torch.Tensor, h: torch.Tensor, scales, zeros, g: int, order=None) -> torch.Tensor:
+    """``gptq_plain`` onto fixed int4 groups."""
     sc, z = scales.double(), zeros.double()
-    h = h.double() + damp * torch.diag(h.double()).mean() * torch.eye(k, dtype=torch.float64)
-    order = list(range(k)) if order is None else order
-    hinv = torch.linalg.inv(h[order][:, order])
-    w = w[:, order]
-    out = torch.empty_like(w)
-    for i in range(k):
-        j = order[i] // g
-        out[:, i] = torch.round(w[:, i] / sc[:, j] + z[:, j]).clamp(0, 15)
-        e = (w[:, i] - (out[:, i] - z[:, j]) * sc[:, j]) / hinv[i, i]
-        w[:, i:] -= e[:, None] * hinv[i, i:][None, :]
-        hinv = hinv - hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
-    back = torch.empty_like(out)
-    back[:, order] = out
-    return back
+
+    def round_col(col, j):
+        code = torch.round(col / sc[:, j // g] + z[:, j // g]).clamp(0, 15)
+        return code, (code - z[:, j // g]) * sc[:, j // g]
+
+    return gptq_plain(w, h, round_col, order=order)
 
 
 def test_gptq_int4_equals_the_plain_algorithm_and_keeps_the_groups():
