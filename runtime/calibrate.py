@@ -58,7 +58,7 @@ from kiln.kernels.activation import silu_and_mul_ref
 from kiln.kernels.attention import AttentionMetadata, paged_attention, rotary_write_kv
 from kiln.kernels.gemv import linear
 from kiln.kernels.norm import rms_norm
-from kiln.kernels.quant import int4_group_params, pack_int4, quantize_fp8_rows, to_fp8
+from kiln.kernels.quant import dequantize_int4, int4_group_params, pack_int4, quantize_fp8_rows, to_fp8
 from kiln.kernels.rotary import cos_sin_cache
 from kiln.parallel.mapping import Mapping
 from kiln.parallel.partition import ReadOnce, rank_slice
@@ -544,65 +544,46 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
     return float(((d @ h.float()) * d).sum())
 
 
-def _gptq_layer(get: Fetch, cfg: ModelConfig, index: int, cap: LayerCapture, device, calib: Calibration) -> None:
-    """GPTQ rounds every projection of layer ``index`` whose input ``cap`` recorded, each group
-    of projections sharing an input rounded together (rows stacked), into ``calib``."""
-    p = f"model.layers.{index}"
-    for g, names in GPTQ_PARTS.items():
-        if g not in cap.hess:
-            continue
-        parts = [get(f"{p}.{n}.weight").to(device=device, dtype=torch.float32) for n in names]
-        w = torch.cat(parts)
-        h = cap.second(g)
-        wq, scale = gptq_fp8(w, h)
-        deq = wq.float() * scale[:, None]
-        rtn_w, rtn_s = quantize_fp8_rows(w)
-        calib.gptq_loss[f"{p}.{g}"] = (output_error(w, rtn_w.float() * rtn_s[:, None], h), output_error(w, deq, h))
-        start = 0
-        for n, part in zip(names, parts):
-            rows = part.shape[0]
-            calib.fp8_weights[f"{p}.{n}"] = (wq[start : start + rows].cpu(), scale[start : start + rows].cpu())
-            start += rows
+def _gptq_layer(get: Fetch, cfg: ModelConfig, index: int, cap: LayerCapture, device, calib: Calibration,
+                fmt: str, group_size: int = 128, scale_dtype: torch.dtype = torch.float32) -> None:
+    """GPTQ rounds every projection of layer ``index`` whose input ``cap`` recorded, each group of
+    projections sharing an input rounded together (rows stacked), into ``calib``.
 
-
-def _gptq_int4_layer(get: Fetch, cfg: ModelConfig, index: int, cap: LayerCapture, device, calib: Calibration,
-                     group_size: int, scale_dtype: torch.dtype) -> None:
-    """After the AWQ scale search of layer ``index``: every projection's folded weight (the tensor
-    the build quantizes) rounded by ``gptq_int4`` onto its round-to-nearest groups (unclipped: the
-    clip search picks ranges for plain rounding, and GPTQ's error feedback does better with the
-    whole range), against the second moment of its folded input ``x / s``, into
-    ``calib.int4_weights``."""
+    ``fmt="fp8"``: the checkpoint's own weights to E4M3 (``gptq_fp8``), into ``fp8_weights``.
+    ``fmt="int4"``, after the AWQ scale search of the layer: every folded weight (the tensor the
+    build quantizes) onto its round-to-nearest groups (unclipped: the clip search picks ranges for
+    plain rounding, and GPTQ's error feedback does better with the whole range), against the
+    second moment of its folded input ``x / s`` (``gptq_int4``), into ``int4_weights``."""
     p = f"model.layers.{index}"
-    folded = apply_awq_scales(get, cfg, calib)
+    fetch = apply_awq_scales(get, cfg, calib) if fmt == "int4" else get
     for g, names in GPTQ_PARTS.items():
         if g not in cap.hess:
             continue
         h = cap.second(g)
-        s = calib.awq_scales.get(f"{p}.{g}")
+        s = calib.awq_scales.get(f"{p}.{g}") if fmt == "int4" else None
         if s is not None:
             sd = s.to(device=h.device, dtype=torch.float32)
             h = h / sd[:, None] / sd[None, :]
-        ws, params = [], []
-        for n in names:
-            w = folded(f"{p}.{n}.weight").to(device=device, dtype=torch.float32)
-            ws.append(w)
-            params.append(int4_group_params(w, group_size, scale_dtype))
-        w = torch.cat(ws)
-        scales, zeros = torch.cat([a for a, _ in params]), torch.cat([b for _, b in params])
-        codes = gptq_int4(w, h, scales, zeros, group_size)
-        calib.gptq_loss[f"{p}.{g}"] = (output_error(w, fake_quant(w, group_size, scale_dtype, scales, zeros), h),
-                                       output_error(w, _dequant_codes(codes, scales, zeros, group_size), h))
+        parts = [fetch(f"{p}.{n}.weight").to(device=device, dtype=torch.float32) for n in names]
+        w = torch.cat(parts)
+        if fmt == "fp8":
+            wq, scale = gptq_fp8(w, h)
+            rtn_w, _ = quantize_fp8_rows(w)
+            rtn, deq = rtn_w.float() * scale[:, None], wq.float() * scale[:, None]
+            tensors = (wq, scale)
+        else:
+            scales, zeros = int4_group_params(w, group_size, scale_dtype)
+            qweight = pack_int4(gptq_int4(w, h, scales, zeros, group_size))
+            rtn = fake_quant(w, group_size, scale_dtype, scales, zeros)
+            deq = dequantize_int4(qweight, scales, zeros, group_size)
+            tensors = (qweight, scales, zeros)
+        calib.gptq_loss[f"{p}.{g}"] = (output_error(w, rtn, h), output_error(w, deq, h))
+        into = calib.fp8_weights if fmt == "fp8" else calib.int4_weights
         start = 0
-        for n, part in zip(names, ws):
+        for n, part in zip(names, parts):
             rows = slice(start, start + part.shape[0])
-            calib.int4_weights[f"{p}.{n}"] = (pack_int4(codes[rows]).cpu(), scales[rows].cpu(), zeros[rows].cpu())
+            into[f"{p}.{n}"] = tuple(t[rows].cpu() for t in tensors)
             start += part.shape[0]
-
-
-def _dequant_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``(q - zero) * scale`` of int4 codes [N, K] (float32)."""
-    s = scales.float().repeat_interleave(group_size, dim=-1)
-    return (codes.float() - zeros.float().repeat_interleave(group_size, dim=-1)) * s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,10 +656,8 @@ def calibrate(reader, *, device, dtype, sequences: Sequence[Sequence[int]], awq:
                 calib.kv_amax[i] = (float(cap.k_amax), float(cap.v_amax))
             if awq:
                 _search_layer(layer, cfg, i, cap, group_size, scale_dtype, clip and gptq != "int4", calib)
-            if gptq == "fp8":
-                _gptq_layer(reader.get, cfg, i, cap, device, calib)
-            elif gptq == "int4":
-                _gptq_int4_layer(reader.get, cfg, i, cap, device, calib, group_size, scale_dtype)
+            if gptq is not None:
+                _gptq_layer(reader.get, cfg, i, cap, device, calib, gptq, group_size, scale_dtype)
             del layer, cap
     calib.seconds = time.time() - t0
     return calib

@@ -423,7 +423,7 @@ def gptq_int4_plain(w: torch.Tensor, h: torch.Tensor, scales, zeros, g: int, ord
 
 
 def test_gptq_int4_equals_the_plain_algorithm_and_keeps_the_groups():
-    from kiln.kernels.quant import int4_group_params, quantize_int4, unpack_int4
+    from kiln.kernels.quant import int4_group_params, pack_int4, quantize_int4, unpack_int4
 
     g, k = 32, 160
     w = torch.randn(40, k, generator=torch.Generator().manual_seed(11))
@@ -437,8 +437,8 @@ def test_gptq_int4_equals_the_plain_algorithm_and_keeps_the_groups():
         order = torch.argsort(torch.diag(h), descending=True, stable=True).tolist() if act_order else None
         want = gptq_int4_plain(w, h, scales, zeros, g, order=order)
         assert (codes.double() == want).double().mean() > 0.995
-        deq = C._dequant_codes(codes, scales, zeros, g)
-        assert C.output_error(w, deq, h) < 0.5 * C.output_error(w, C._dequant_codes(rtn, scales, zeros, g), h)
+        deq = dequantize_int4(pack_int4(codes), scales, zeros, g)
+        assert C.output_error(w, deq, h) < 0.5 * C.output_error(w, dequantize_int4(pack_int4(rtn), scales, zeros, g), h)
     diag = torch.diag(torch.rand(k, generator=torch.Generator().manual_seed(13)) + 0.5)
     assert torch.equal(C.gptq_int4(w, diag, scales, zeros, g), rtn)
     with pytest.raises(ValueError, match="group parameters"):
