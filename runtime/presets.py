@@ -25,22 +25,6 @@ PRESETS: dict[str, ModelConfig] = {
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
     ),
-    "llama-3.1-8b": ModelConfig(
-        architecture="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling=RopeScaling(
-            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
-        ),
-    ),
     "llama-3-70b": ModelConfig(
         architecture="llama",
         vocab_size=128256,
@@ -150,6 +134,14 @@ PRESETS: dict[str, ModelConfig] = {
         tie_word_embeddings=True,
     ),
 }
+
+
+# Llama-3.1-8B: Llama-3-8B's shape with the 128k context and its rope scaling.
+PRESETS["llama-3.1-8b"] = PRESETS["llama-3-8b"].model_copy(update={
+    "max_position_embeddings": 131072,
+    "rope_scaling": RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                original_max_position_embeddings=8192),
+})
 
 
 class UnknownPresetError(ValueError):
